@@ -1,0 +1,3 @@
+from lavise_cli.cli import main
+
+main()

@@ -1,0 +1,126 @@
+"""`lavise store`, `lavise preprocess`: what the store holds, and building mask indexes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..data.index import preprocess as preprocess_dataset
+from ..data.index import register_instances_file
+from ..errors import LaviseError
+from ..store import KINDS
+from .app import app
+from .common import emit_json, handle_errors, human_size, info, out, progress, state
+
+store_app = typer.Typer(help="List and remove what the artifact store holds.", no_args_is_help=False)
+app.add_typer(store_app, name="store")
+
+
+@store_app.callback(invoke_without_command=True)
+@handle_errors
+def store_list(
+    ctx: typer.Context,
+    kind: Optional[str] = typer.Option(None, "--kind", help=f"Only this kind: {', '.join(KINDS)}."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+) -> None:
+    """List datasets, embeddings, indexes, feature caches, explainers and results, with sizes.
+
+    Examples:
+
+      lavise store
+
+      lavise store --kind explainers --json
+
+      lavise store rm explainers resnet18-layer4-coco
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    st = state.store
+    entries = st.list(kind)
+    if json_out:
+        emit_json({"root": str(st.root), "cache": str(st.cache), "entries": [
+            {"kind": e.kind, "name": e.name, "size": e.size, "created": e.created, "path": str(e.path)} for e in entries]})
+        return
+    table = Table(title=f"lavise store — {st.root}")
+    for col in ("kind", "name", "size", "created"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    for e in entries:
+        table.add_row(e.kind, e.name, human_size(e.size), e.created[:19].replace("T", " "))
+    if not entries:
+        info("the store is empty: start with `lavise download coco` (or `--from DIR` offline)")
+    out.print(table)
+
+
+@store_app.command("rm")
+@handle_errors
+def store_rm(
+    kind: str = typer.Argument(..., help=f"One of: {', '.join(KINDS)}."),
+    name: str = typer.Argument(..., help="The entry's name (see `lavise store`)."),
+) -> None:
+    """Remove one entry from the store.
+
+    Example:
+
+      lavise store rm features 3f2a9c...
+    """
+    state.store.remove(kind, name)
+    info(f"removed {kind} {name}")
+
+
+@app.command()
+@handle_errors
+def preprocess(
+    dataset: str = typer.Argument(..., help="A registered dataset name, or a COCO-format instances JSON file."),
+    embedding: Optional[str] = typer.Option(None, "--embedding", help="Word vectors (default: the latest registered)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image folder, when DATASET is a JSON file."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name to register a JSON file under."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split name of a JSON file (default: from its name)."),
+    seen_fraction: float = typer.Option(0.7, "--seen-fraction", help="Share of concepts in the seen split."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the seen/unseen concept split."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes that check images (default: up to 4)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when the index is current."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+) -> None:
+    """Build the mask index of a dataset: one mask per (image, concept), concepts mapped to words.
+
+    Examples:
+
+      lavise preprocess coco
+
+      lavise preprocess coco-tiny --json
+
+      lavise preprocess lvis_v1_val.json --images val2017/ --name lvis-val
+    """
+    st = state.store
+    if dataset.endswith(".json"):
+        if images is None:
+            raise LaviseError("a JSON annotation file needs its images: add --images DIR")
+        entry = register_instances_file(st, Path(dataset), images, name=name, split=split)
+        dataset = entry.name
+        info(f"registered {dataset} from {entry.manifest['settings']['root']}")
+    with progress() as prog:
+        summary = preprocess_dataset(st, dataset, embedding=embedding, seen_fraction=seen_fraction, seed=seed,
+                                     workers=workers, force=force, progress=prog)
+    if json_out:
+        emit_json(summary)
+        return
+    if summary.get("cached"):
+        info(f"[green]index of {dataset} is current[/] (inputs unchanged); use --force to rebuild")
+    for sp, s in summary["splits"].items():
+        t = Table(title=f"{dataset} / {sp}")
+        t.add_column("")
+        t.add_column("count", justify="right")
+        t.add_row("images", str(s["images"]))
+        t.add_row("(image, concept) pairs", str(s["pairs"]))
+        t.add_row("concepts present", str(s["concepts"]))
+        t.add_row("pairs of unmapped concepts", str(s["pairs_unmapped"]))
+        for reason, n in sorted(s["dropped"].items()):
+            t.add_row(f"[yellow]{reason}[/]", str(n))
+        out.print(t)
+    out.print(f"concepts: {summary['concepts']} ({summary['mapped']} mapped to {summary['embedding']}, "
+              f"{summary['seen']} seen / {summary['unseen']} unseen)")
+    if summary["unmapped"]:
+        out.print(f"[yellow]unmapped[/] (no word vector, left out): {', '.join(summary['unmapped'])}")

@@ -1,0 +1,133 @@
+"""`lavise train` and `lavise layers`."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import LaviseError
+from ..models import layer_shapes, load_model
+from ..train import TrainSettings, train as train_fn
+from .app import app
+from .common import emit_json, handle_errors, info, out, progress, state
+
+_D = TrainSettings()
+
+
+def parse_floats(text: Optional[str], n: int, what: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise LaviseError(f"{what} takes {n} comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+    if len(vals) != n:
+        raise LaviseError(f"{what} takes {n} comma-separated numbers, got {len(vals)}")
+    return vals
+
+
+@app.command()
+@handle_errors
+def train(
+    model: str = typer.Argument(..., help="torchvision model name (resnet18, vgg16, ...) or package.module:fn / file.py:fn."),
+    datasets: List[str] = typer.Argument(..., help="Preprocessed reference dataset(s); several are merged by label."),
+    layer: List[str] = typer.Option([], "--layer", help="Dotted layer path; repeatable (default: last 4-D feature map)."),
+    weights: str = typer.Option("DEFAULT", "--weights", help="torchvision weights name, `none`, or a state-dict file."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size (default: the weights' or 224)."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean on [0,1] images, e.g. 0.485,0.456,0.406."),
+    std: Optional[str] = typer.Option(None, "--std", help="Per-channel std, e.g. 0.229,0.224,0.225."),
+    name: Optional[str] = typer.Option(None, "--name", help="Explainer name (default: {model}-{layer}-{dataset})."),
+    embedding: Optional[str] = typer.Option(None, "--embedding", help="Word vectors (default: the datasets' own)."),
+    epochs: int = typer.Option(_D.epochs, "--epochs", help="Most epochs (early stopping may end sooner)."),
+    lr: float = typer.Option(_D.lr, "--lr", help="AdamW learning rate."),
+    weight_decay: float = typer.Option(_D.weight_decay, "--weight-decay", help="AdamW weight decay."),
+    train_batch_size: int = typer.Option(_D.batch_size, "--train-batch-size", help="Explainer batch size."),
+    patience: int = typer.Option(_D.patience, "--patience", help="Epochs without validation gain before stopping."),
+    val_fraction: float = typer.Option(_D.val_fraction, "--val-fraction", help="Share of train images held out."),
+    seen_fraction: Optional[float] = typer.Option(None, "--seen-fraction",
+                                                  help="Train on the seen concepts only (e.g. 0.7) for novel-concept tests."),
+    seed: int = typer.Option(_D.seed, "--seed", help="Seed: the same seed repeats a run exactly."),
+    views: str = typer.Option("full", "--views", help="Cached views per image: full,flip,crop,crop-flip."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per batch in the feature pass."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (default: by CPU count)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same settings."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N, mps."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+) -> None:
+    """Train an explainer for a layer of MODEL on reference DATASET(s): one cached backbone pass.
+
+    Examples:
+
+      lavise train resnet18 coco
+
+      lavise train resnet50 coco --layer layer3 --layer layer4
+
+      lavise train resnet18 coco-tiny --weights none --epochs 20
+
+      lavise train my_models.py:build coco --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5
+
+      lavise train resnet18 coco --resume
+    """
+    settings = TrainSettings(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=train_batch_size,
+                             patience=patience, val_fraction=val_fraction, seed=seed, seen_fraction=seen_fraction)
+    with progress() as prog:
+        results = train_fn(state.store, model, datasets, layers=layer, weights=weights, input_size=input_size,
+                           mean=parse_floats(mean, 3, "--mean"), std=parse_floats(std, 3, "--std"), name=name,
+                           embedding=embedding, settings=settings, views=views, device=device,
+                           batch_size=batch_size, workers=workers, resume=resume, progress=prog)
+    if json_out:
+        docs = [r.as_dict() for r in results]
+        emit_json(docs[0] if len(docs) == 1 else {"explainers": docs})
+        return
+    for r in results:
+        t = Table(title=f"explainer {r.name}")
+        t.add_column("")
+        t.add_column("value")
+        t.add_row("layer", r.layer)
+        t.add_row("feature cache", "[green]hit[/]" if r.feature_cache == "hit" else "miss (computed and cached)")
+        t.add_row("pairs (train + validation)", str(r.pairs["train_and_val"]))
+        t.add_row("epochs", f"{r.epochs} (best {r.best_epoch})")
+        if r.losses:
+            t.add_row("validation loss", f"{r.losses[0]['val']:.3f} → best {r.best_val_loss:.3f}")
+        t.add_row("time, feature pass", f"{r.seconds['features']:.1f} s")
+        t.add_row("time, training", f"{r.seconds['training']:.1f} s")
+        t.add_row("saved", str(r.path))
+        out.print(t)
+
+
+@app.command()
+@handle_errors
+def layers(
+    model: str = typer.Argument(..., help="torchvision model name or package.module:fn / file.py:fn."),
+    weights: str = typer.Option("none", "--weights", help="Weights to load (shapes do not depend on them)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size."),
+    all_layers: bool = typer.Option(False, "--all", help="Also list layers whose output is not 4-D."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+) -> None:
+    """List a model's layers with their output shapes (the --layer names).
+
+    Examples:
+
+      lavise layers resnet18
+
+      lavise layers examples/efficientnet_lite0.py:build --json
+    """
+    tm = load_model(model, weights, input_size=input_size)
+    shapes = layer_shapes(tm.module, tm.preprocess.input_size)
+    rows = [(n, s) for n, s in shapes if all_layers or len(s) == 3]
+    from ..models import default_layer
+
+    default = default_layer(tm.module, tm.preprocess.input_size)
+    if json_out:
+        emit_json({"model": model, "input_size": tm.preprocess.input_size, "default": default,
+                   "layers": [{"name": n, "shape": list(s)} for n, s in rows]})
+        return
+    t = Table(title=f"{model} at {tm.preprocess.input_size}px (default layer: {default})")
+    t.add_column("layer")
+    t.add_column("output (C × H × W)", justify="right")
+    for n, s in rows:
+        t.add_row(f"[bold]{n}[/]" if n == default else n, " × ".join(map(str, s)))
+    out.print(t)
+    info("pass a name with --layer; the default is shown in bold")

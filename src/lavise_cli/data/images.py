@@ -1,0 +1,134 @@
+"""Image decoding and the geometric views that images and their masks share.
+
+Everything that decodes or resizes an image in lavise goes through here, so that an image and
+its masks always see exactly the same transform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+
+
+@dataclass(frozen=True)
+class View:
+    """A crop (relative box ``x0, y0, x1, y1`` in [0, 1]) of the image, then an optional h-flip."""
+
+    box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    flip: bool = False
+
+    def pixel_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        x0, y0, x1, y1 = self.box
+        left, top = int(round(x0 * width)), int(round(y0 * height))
+        right, bottom = max(left + 1, int(round(x1 * width))), max(top + 1, int(round(y1 * height)))
+        return left, top, min(right, width), min(bottom, height)
+
+    def as_list(self) -> list[float | bool]:
+        return [*self.box, self.flip]
+
+
+IDENTITY = View()
+
+
+def named_views(spec: str) -> list[View]:
+    """Views from a comma list: ``full``, ``flip``, ``crop`` (centre 80 %), ``crop-flip``."""
+    table = {
+        "full": View(),
+        "flip": View(flip=True),
+        "crop": View((0.1, 0.1, 0.9, 0.9)),
+        "crop-flip": View((0.1, 0.1, 0.9, 0.9), flip=True),
+    }
+    out = []
+    for name in [s.strip() for s in spec.split(",") if s.strip()]:
+        if name not in table:
+            raise DataError(f"unknown view {name!r}; choose from {', '.join(table)}")
+        out.append(table[name])
+    return out or [View()]
+
+
+def read_rgb(path: str | Path) -> torch.Tensor:
+    """Decode an image file to a ``uint8`` tensor ``(3, H, W)``; any mode is converted to RGB.
+
+    Raises :class:`DataError` for a missing, unreadable or truncated file.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"image {path} cannot be decoded ({e})") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def probe_image(path: str | Path) -> tuple[str, int, int]:
+    """(mode, height, width) after a full decode; raises DataError when the file is bad."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            w, h = im.size
+            if im.format == "JPEG":
+                # Decoding at reduced scale still reads every entropy-coded byte, so a truncated
+                # or corrupt file fails here, at a fraction of the cost of a full decode.
+                im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
+            im.load()
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"image {path} cannot be decoded ({e})") from None
+    return mode, h, w
+
+
+def apply_view_image(img: torch.Tensor, view: View, size: int) -> torch.Tensor:
+    """``uint8``/float ``(3, H, W)`` -> float ``(3, size, size)`` in [0, 1]: crop, resize, flip."""
+    _, h, w = img.shape
+    left, top, right, bottom = view.pixel_box(h, w)
+    x = img[:, top:bottom, left:right].float()
+    if img.dtype == torch.uint8:
+        x = x / 255.0
+    x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    if view.flip:
+        x = x.flip(-1)
+    return x.clamp_(0.0, 1.0)
+
+
+def apply_view_masks(masks: torch.Tensor, view: View, grid: tuple[int, int]) -> torch.Tensor:
+    """Binary masks ``(K, H, W)`` -> the fraction of each feature-grid cell they cover ``(K, h, w)``.
+
+    The crop is the image's crop, in the same pixel coordinates; area averaging of the cropped
+    mask onto the ``h x w`` grid gives each cell's coverage; the flip is the image's flip.
+    """
+    _, h, w = masks.shape
+    left, top, right, bottom = view.pixel_box(h, w)
+    m = masks[:, top:bottom, left:right].float()
+    m = F.adaptive_avg_pool2d(m[None], grid)[0]
+    if view.flip:
+        m = m.flip(-1)
+    return m
+
+
+def masks_at(masks: torch.Tensor, view: View, size: int) -> torch.Tensor:
+    """Binary masks ``(K, H, W)`` at the model's input resolution ``(K, size, size)``, as bool."""
+    _, h, w = masks.shape
+    left, top, right, bottom = view.pixel_box(h, w)
+    m = masks[:, top:bottom, left:right].float()
+    m = F.interpolate(m[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    if view.flip:
+        m = m.flip(-1)
+    return m >= 0.5
+
+
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return (x - m) / s

@@ -1,0 +1,458 @@
+"""The mask index of a reference dataset: per split, every (image, concept) pair with its mask.
+
+``lavise preprocess`` builds it (:func:`preprocess`), everything downstream reads it
+(:func:`load_index`).  For every image and concept, the union of that concept's instance masks
+(crowd RLE included; for panoptic PNGs, the union of the concept's segments) is stored as one
+COCO RLE string, with the image's size, so a split of COCO train fits in a few hundred MB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from ..embeddings import Embedding, clean_label, load_embedding
+from ..errors import DataError, LaviseError
+from ..store import Entry, FileDigests, Store, stable_digest
+from .images import probe_image
+
+INDEX_VERSION = 1
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitIndex:
+    """One split: images, and pairs sorted by image."""
+
+    dataset: str
+    split: str
+    image_dir: Path
+    images: list[dict[str, Any]]  # {"id", "file", "height", "width"}
+    pair_image: np.ndarray  # (P,) int64 index into images, non-decreasing
+    pair_concept: np.ndarray  # (P,) int64 index into the dataset's concepts
+    rles: list[str]
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """``pairs of image i`` = ``offsets[i]:offsets[i+1]``."""
+        return np.searchsorted(self.pair_image, np.arange(len(self.images) + 1)).astype(np.int64)
+
+    def image_path(self, i: int) -> Path:
+        return self.image_dir / self.images[i]["file"]
+
+    def image_pairs(self, i: int) -> range:
+        return range(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    def masks(self, i: int) -> tuple[np.ndarray, torch.Tensor]:
+        """(concept indices ``(K,)``, binary masks ``uint8 (K, H, W)``) of image ``i``."""
+        sl = self.image_pairs(i)
+        h, w = self.images[i]["height"], self.images[i]["width"]
+        if len(sl) == 0:
+            return np.zeros(0, np.int64), torch.zeros(0, h, w, dtype=torch.uint8)
+        rles = [{"size": [h, w], "counts": self.rles[p].encode()} for p in sl]
+        dense = mask_utils.decode(rles)  # (H, W, K) uint8 in {0, 1}, Fortran order
+        return self.pair_concept[sl.start : sl.stop], torch.from_numpy(np.ascontiguousarray(dense.transpose(2, 0, 1)))
+
+
+@dataclass
+class DatasetIndex:
+    name: str
+    concepts: list[str]  # concept labels (cleaned names)
+    mapped: list[bool]
+    seen: list[bool]
+    splits: dict[str, SplitIndex]
+    digest: str
+    manifest: dict[str, Any]
+
+    @property
+    def unmapped(self) -> list[str]:
+        return [c for c, m in zip(self.concepts, self.mapped) if not m]
+
+
+def load_index(store: Store, dataset: str) -> DatasetIndex:
+    """The preprocessed index of ``dataset``; a clear error when preprocess has not run or is stale."""
+    if not store.exists("datasets", dataset):
+        known = ", ".join(e.name for e in store.list("datasets")) or "none"
+        raise LaviseError(
+            f"no dataset named {dataset!r} in the store (registered: {known}); "
+            f"register it with `lavise download coco --from DIR --name {dataset}`"
+        )
+    entry = store.manifest("indexes", dataset)
+    if entry is None:
+        raise LaviseError(f"dataset {dataset!r} is not preprocessed yet: run `lavise preprocess {dataset}`")
+    ds = store.get("datasets", dataset).manifest
+    if entry["inputs"].get("dataset") != ds["inputs"]:
+        raise LaviseError(f"the index of {dataset!r} is stale (its data changed): run `lavise preprocess {dataset}`")
+    root = store.path("indexes", dataset)
+    meta = json.loads((root / "concepts.json").read_text())
+    splits = {}
+    for split, info in ds["settings"]["splits"].items():
+        p = root / f"{split}.json"
+        if not p.exists():
+            continue
+        d = json.loads(p.read_text())
+        splits[split] = SplitIndex(
+            dataset=dataset,
+            split=split,
+            image_dir=Path(info["images"]),
+            images=d["images"],
+            pair_image=np.asarray(d["pair_image"], dtype=np.int64),
+            pair_concept=np.asarray(d["pair_concept"], dtype=np.int64),
+            rles=d["rle"],
+            dropped=d.get("dropped", {}),
+        )
+    c = meta["concepts"]
+    return DatasetIndex(
+        name=dataset,
+        concepts=[x["name"] for x in c],
+        mapped=[bool(x["mapped"]) for x in c],
+        seen=[bool(x["seen"]) for x in c],
+        splits=splits,
+        digest=stable_digest(entry["inputs"]) + ":" + entry["created"],
+        manifest=entry,
+    )
+
+
+# -- building -----------------------------------------------------------------------------
+
+
+def _probe(path: str) -> tuple[str, str | None, int, int]:
+    """(status, mode, h, w) for one image file, in a worker process."""
+    try:
+        mode, h, w = probe_image(path)
+        return "ok", mode, h, w
+    except DataError as e:
+        return ("missing" if "does not exist" in str(e) else "corrupt"), None, 0, 0
+
+
+def _panoptic_masks(png: str, segments: list[tuple[int, int]]) -> tuple[str, list[tuple[int, str]], int, int]:
+    """Category masks (cat_id, RLE counts) of one panoptic PNG (segment id = R + 256 G + 256^2 B)."""
+    from PIL import Image
+
+    try:
+        with Image.open(png) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint32)
+    except FileNotFoundError:
+        return "missing mask", [], 0, 0
+    except Exception:
+        return "corrupt mask", [], 0, 0
+    ids = arr[..., 0] + 256 * arr[..., 1] + 65536 * arr[..., 2]
+    h, w = ids.shape
+    by_cat: dict[int, list[int]] = defaultdict(list)
+    for seg_id, cat in segments:
+        by_cat[cat].append(seg_id)
+    out = []
+    for cat, segs in sorted(by_cat.items()):
+        m = np.isin(ids, segs)
+        if not m.any():
+            out.append((cat, ""))
+            continue
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        out.append((cat, rle["counts"].decode()))
+    return "ok", out, h, w
+
+
+def _pool_map(fn: Any, args: Sequence[tuple[Any, ...]], workers: int, progress: Any, desc: str) -> list[Any]:
+    task = progress.add_task(desc, total=len(args), unit="img") if progress is not None else None
+    results: list[Any] = []
+    if workers <= 1 or len(args) < 64:
+        for a in args:
+            results.append(fn(*a))
+            if task is not None:
+                progress.advance(task)
+        return results
+    with ProcessPoolExecutor(max_workers=workers) as ex:
+        for r in ex.map(fn, *zip(*args), chunksize=16):
+            results.append(r)
+            if task is not None:
+                progress.advance(task)
+    return results
+
+
+def _seen_split(mapped: Sequence[bool], fraction: float, seed: int) -> list[bool]:
+    """A seeded split of the mapped concepts, without replacement: ``round(fraction * n)`` seen."""
+    idx = np.flatnonzero(np.asarray(mapped, dtype=bool))
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(idx)
+    n_seen = int(round(fraction * len(idx)))
+    seen = np.zeros(len(mapped), dtype=bool)
+    seen[perm[:n_seen]] = True
+    return seen.tolist()
+
+
+def _build_instances_split(
+    ann_file: Path, image_dir: Path, workers: int, progress: Any
+) -> tuple[dict[str, Any], dict[int, str]]:
+    """One split of a COCO instances file -> (split dict keyed by category id, category names)."""
+    from pycocotools.coco import COCO
+
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(ann_file))
+    cats = {int(c["id"]): str(c["name"]) for c in coco.dataset.get("categories", [])}
+    dropped: Counter[str] = Counter()
+    img_ids = sorted(coco.imgs)
+    known = set(img_ids)
+    per_img: dict[int, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for ann in coco.dataset.get("annotations", []):
+        if ann.get("image_id") not in known:
+            dropped["annotations with unknown image"] += 1
+            continue
+        if ann.get("category_id") not in cats:
+            dropped["annotations with unknown category"] += 1
+            continue
+        per_img[ann["image_id"]][ann["category_id"]].append(ann)
+    probes = _pool_map(_probe, [(str(image_dir / coco.imgs[i]["file_name"]),) for i in img_ids], workers, progress,
+                       f"checking {ann_file.stem} images")
+    images, pi, pc, rles = [], [], [], []
+    for iid, (status, mode, h, w) in zip(img_ids, probes):
+        info = coco.imgs[iid]
+        if status != "ok":
+            dropped[f"images {status}"] += 1
+            continue
+        if (h, w) != (info["height"], info["width"]):
+            dropped["images whose size differs from the annotation"] += 1
+            continue
+        if mode != "RGB":
+            dropped[f"images converted from {mode} (kept)"] += 1
+        k = len(images)
+        images.append({"id": iid, "file": info["file_name"], "height": h, "width": w})
+        for cat in sorted(per_img.get(iid, {})):
+            parts = []
+            for ann in per_img[iid][cat]:
+                try:
+                    parts.append(coco.annToRLE(ann))
+                except Exception:
+                    dropped["annotations with a malformed segmentation"] += 1
+            if not parts:
+                continue
+            rle = mask_utils.merge(parts, intersect=False) if len(parts) > 1 else parts[0]
+            if int(mask_utils.area(rle)) == 0:
+                dropped["empty masks"] += 1
+                continue
+            counts = rle["counts"]
+            pi.append(k)
+            pc.append(cat)
+            rles.append(counts.decode() if isinstance(counts, bytes) else counts)
+    return {"images": images, "pair_image": pi, "pair_cat": pc, "rle": rles, "dropped": dict(dropped)}, cats
+
+
+def _build_panoptic_split(
+    ann_file: Path, image_dir: Path, mask_dir: Path, workers: int, progress: Any
+) -> tuple[dict[str, Any], dict[int, str]]:
+    try:
+        d = json.loads(ann_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read panoptic annotations {ann_file}: {e}") from None
+    cats = {int(c["id"]): str(c["name"]) for c in d.get("categories", [])}
+    imgs = {int(i["id"]): i for i in d.get("images", [])}
+    dropped: Counter[str] = Counter()
+    jobs, order = [], []
+    for ann in sorted(d.get("annotations", []), key=lambda a: a.get("image_id", -1)):
+        iid = ann.get("image_id")
+        if iid not in imgs:
+            dropped["annotations with unknown image"] += 1
+            continue
+        segs = []
+        for s in ann.get("segments_info", []):
+            if s.get("category_id") not in cats:
+                dropped["segments with unknown category"] += 1
+                continue
+            segs.append((int(s["id"]), int(s["category_id"])))
+        jobs.append((str(mask_dir / ann["file_name"]), segs))
+        order.append(iid)
+    masks = _pool_map(_panoptic_masks, jobs, workers, progress, f"reading {ann_file.stem} masks")
+    probes = _pool_map(_probe, [(str(image_dir / imgs[i]["file_name"]),) for i in order], workers, progress,
+                       f"checking {ann_file.stem} images")
+    images, pi, pc, rles = [], [], [], []
+    for iid, (mstatus, cat_rles, mh, mw), (status, mode, h, w) in zip(order, masks, probes):
+        info = imgs[iid]
+        if status != "ok":
+            dropped[f"images {status}"] += 1
+            continue
+        if mstatus != "ok":
+            dropped[f"images with a {mstatus}"] += 1
+            continue
+        if (h, w) != (info["height"], info["width"]) or (mh, mw) != (h, w):
+            dropped["images whose size differs from the annotation"] += 1
+            continue
+        if mode != "RGB":
+            dropped[f"images converted from {mode} (kept)"] += 1
+        k = len(images)
+        images.append({"id": iid, "file": info["file_name"], "height": h, "width": w})
+        for cat, counts in cat_rles:
+            if not counts:
+                dropped["empty masks"] += 1
+                continue
+            pi.append(k)
+            pc.append(cat)
+            rles.append(counts)
+    return {"images": images, "pair_image": pi, "pair_cat": pc, "rle": rles, "dropped": dict(dropped)}, cats
+
+
+def preprocess(
+    store: Store,
+    dataset: str,
+    *,
+    embedding: str | None = None,
+    seen_fraction: float = 0.7,
+    seed: int = 0,
+    workers: int | None = None,
+    force: bool = False,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Build (or reuse, when its inputs are unchanged) the mask index of a registered dataset.
+
+    Returns the summary: per split ``images``, ``pairs``, ``dropped``; ``concepts``, ``mapped``,
+    ``unmapped``, ``seen``, ``unseen``; and ``cached`` (True when nothing had to be rebuilt).
+    """
+    if not 0.0 < seen_fraction <= 1.0:
+        raise LaviseError("--seen-fraction must be in (0, 1]")
+    ds = store.get("datasets", dataset)
+    emb: Embedding = load_embedding(store, embedding)
+    emb_manifest = store.get("embeddings", emb.name).manifest
+    inputs = {
+        "dataset": ds.manifest["inputs"],
+        "embedding": {"name": emb.name, **emb_manifest["inputs"]},
+        "seen_fraction": seen_fraction,
+        "seed": seed,
+        "version": INDEX_VERSION,
+    }
+    if not force and store.is_current("indexes", dataset, inputs):
+        summary = json.loads((store.path("indexes", dataset) / "summary.json").read_text())
+        return {**summary, "cached": True}
+    settings = ds.manifest["settings"]
+    fmt = settings.get("format")
+    workers = workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
+    built: dict[str, dict[str, Any]] = {}
+    names: dict[int, str] = {}
+    for split, info in settings["splits"].items():
+        if fmt == "coco":
+            built[split], cats = _build_instances_split(Path(info["annotations"]), Path(info["images"]), workers, progress)
+        elif fmt == "coco-panoptic":
+            built[split], cats = _build_panoptic_split(
+                Path(info["annotations"]), Path(info["images"]), Path(info["masks"]), workers, progress
+            )
+        else:
+            raise LaviseError(f"preprocessing datasets of format {fmt!r} is not supported yet")
+        for cid, n in cats.items():
+            names.setdefault(cid, n)
+    # Concepts: categories merged by cleaned label (e.g. panoptic "wall-other-merged" -> "wall").
+    labels = sorted({clean_label(n) for n in names.values()}, key=lambda s: min(
+        cid for cid, n in names.items() if clean_label(n) == s))
+    label_idx = {lab: i for i, lab in enumerate(labels)}
+    cat_to_concept = {cid: label_idx[clean_label(n)] for cid, n in names.items()}
+    mapped = [emb.phrase_vector(lab) is not None for lab in labels]
+    seen = _seen_split(mapped, seen_fraction, seed)
+    summary: dict[str, Any] = {"dataset": dataset, "embedding": emb.name, "splits": {}}
+    with store.writing("indexes", dataset, inputs=inputs, settings={"format": fmt, "seen_fraction": seen_fraction,
+                                                                       "seed": seed}) as tmp:
+        for split, b in built.items():
+            concept = [cat_to_concept[c] for c in b["pair_cat"]]
+            # Merge categories that share a label within an image (union of their RLEs).
+            merged: dict[tuple[int, int], list[str]] = defaultdict(list)
+            for im, cc, r in zip(b["pair_image"], concept, b["rle"]):
+                merged[(im, cc)].append(r)
+            keys = sorted(merged)
+            rles = []
+            for im, cc in keys:
+                parts = merged[(im, cc)]
+                if len(parts) == 1:
+                    rles.append(parts[0])
+                else:
+                    h, w = b["images"][im]["height"], b["images"][im]["width"]
+                    r = mask_utils.merge([{"size": [h, w], "counts": p.encode()} for p in parts], intersect=False)
+                    rles.append(r["counts"].decode())
+            doc = {
+                "images": b["images"],
+                "pair_image": [k[0] for k in keys],
+                "pair_concept": [k[1] for k in keys],
+                "rle": rles,
+                "dropped": b["dropped"],
+            }
+            (tmp / f"{split}.json").write_text(json.dumps(doc))
+            used = Counter(k[1] for k in keys)
+            summary["splits"][split] = {
+                "images": len(b["images"]),
+                "pairs": len(keys),
+                "concepts": len(used),
+                "pairs_unmapped": sum(v for c, v in used.items() if not mapped[c]),
+                "dropped": b["dropped"],
+            }
+        concepts_doc = {
+            "concepts": [
+                {"name": lab, "categories": sorted(c for c, i in cat_to_concept.items() if i == k),
+                 "mapped": mapped[k], "seen": seen[k]}
+                for k, lab in enumerate(labels)
+            ],
+            "seen_fraction": seen_fraction,
+            "seed": seed,
+        }
+        (tmp / "concepts.json").write_text(json.dumps(concepts_doc, indent=1))
+        summary.update(
+            concepts=len(labels),
+            mapped=sum(mapped),
+            unmapped=[lab for lab, m in zip(labels, mapped) if not m],
+            seen=sum(seen),
+            unseen=sum(mapped) - sum(seen),
+        )
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+    return {**summary, "cached": False}
+
+
+def register_instances_file(
+    store: Store, ann_file: Path, images: Path, name: str | None = None, split: str | None = None
+) -> Entry:
+    """Register any COCO-format instances file (LVIS, custom sets) as a one-split dataset."""
+    ann_file, images = Path(ann_file).expanduser().resolve(), Path(images).expanduser().resolve()
+    if not ann_file.is_file():
+        raise DataError(f"annotation file {ann_file} does not exist")
+    if not images.is_dir():
+        raise DataError(f"image folder {images} does not exist; give it with --images DIR")
+    stem = ann_file.stem
+    split = split or ("val" if "val" in stem else "train")
+    name = name or stem
+    try:
+        with open(ann_file) as fh:
+            d = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{ann_file} is not a readable COCO-format JSON file ({e})") from None
+    if not all(k in d for k in ("images", "annotations", "categories")):
+        raise DataError(f"{ann_file} lacks one of the COCO keys images/annotations/categories")
+    with store.writing(
+        "datasets",
+        name,
+        inputs={f"{split}.annotations": FileDigests(store)(ann_file)},
+        settings={"format": "coco", "root": str(images.parent),
+                  "splits": {split: {"annotations": str(ann_file), "images": str(images),
+                                     "num_images": len(d["images"])}}},
+    ):
+        pass
+    return store.get("datasets", name)
+
+
+def iter_union(indexes: Iterable[DatasetIndex]) -> list[str]:
+    """Concept labels of several indexes merged by label, in first-seen order."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for ix in indexes:
+        for c in ix.concepts:
+            if c not in seen:
+                seen.add(c)
+                out.append(c)
+    return out

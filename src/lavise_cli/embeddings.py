@@ -1,0 +1,231 @@
+"""Word vectors (through gensim), concept vectors, and the explanation vocabulary."""
+
+from __future__ import annotations
+
+import gzip
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import DataError, LaviseError
+from .store import Entry, FileDigests, Store
+
+KV_FILE = "vectors.kv"
+# Suffixes that COCO panoptic appends to stuff categories; they carry no visual meaning.
+_LABEL_NOISE = {"merged", "other", "stuff"}
+
+
+def clean_label(name: str) -> str:
+    """A dataset's category name as words: ``sky-other-merged`` -> ``sky``, ``floor-wood`` -> ``floor wood``."""
+    tokens = [t for t in re.split(r"[^a-z0-9]+", name.lower()) if t]
+    kept = [t for t in tokens if t not in _LABEL_NOISE]
+    return " ".join(kept or tokens)
+
+
+def _sniff_format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".kv", ".model", ".kv.gz")):
+        return "kv"
+    if name.endswith(".bin") or name.endswith(".bin.gz"):
+        return "word2vec-binary"
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as fh:  # type: ignore[operator]
+            first = fh.readline().split()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read word vectors {path}: {e}") from None
+    if len(first) == 2 and all(t.isdigit() for t in first):
+        return "word2vec"
+    if len(first) > 2:
+        return "glove"
+    raise DataError(f"{path} is not a GloVe/word2vec text file, a word2vec binary or gensim KeyedVectors")
+
+
+def register_embedding(
+    store: Store, source: Path, name: str | None = None, fmt: str = "auto", progress: Any = None
+) -> Entry:
+    """Load word vectors with gensim and keep them in the store in gensim's native format.
+
+    ``fmt``: ``auto``, ``glove`` (text, no header), ``word2vec`` (text with header),
+    ``word2vec-binary`` or ``kv`` (gensim KeyedVectors).  Vectors are L2-normalised on the way
+    in and saved so that later loads are memory-mapped.  Registering the same file again under
+    the same name is a no-op.
+    """
+    from gensim.models import KeyedVectors
+
+    source = Path(source).expanduser()
+    if not source.is_file():
+        raise DataError(f"word-vector file {source} does not exist")
+    if name is None:
+        name = re.sub(r"(\.txt|\.gz|\.bin|\.kv|\.vec)+$", "", source.name) or "embedding"
+    fmt = _sniff_format(source) if fmt == "auto" else fmt
+    inputs = {"source": FileDigests(store)(source), "format": fmt}
+    if store.is_current("embeddings", name, inputs):
+        return store.get("embeddings", name)
+    task = progress.add_task(f"loading {source.name}", total=None) if progress is not None else None
+    try:
+        if fmt == "kv":
+            kv = KeyedVectors.load(str(source))
+        else:
+            kv = KeyedVectors.load_word2vec_format(
+                str(source), binary=fmt == "word2vec-binary", no_header=fmt == "glove", unicode_errors="ignore"
+            )
+    except Exception as e:
+        raise DataError(f"cannot parse {source} as {fmt} word vectors: {type(e).__name__}: {e}") from None
+    vecs = np.asarray(kv.vectors, dtype=np.float32)
+    norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+    kv.vectors = vecs / np.maximum(norms, 1e-12)
+    with store.writing(
+        "embeddings",
+        name,
+        inputs=inputs,
+        settings={"source": str(source.resolve()), "format": fmt},
+        extra={"dim": int(kv.vector_size), "words": len(kv.index_to_key)},
+    ) as tmp:
+        kv.save(str(tmp / KV_FILE), sep_limit=0)
+    if task is not None:
+        progress.update(task, total=1, completed=1)
+    return store.get("embeddings", name)
+
+
+@dataclass
+class Embedding:
+    """Normalised word vectors in frequency order (for GloVe files)."""
+
+    name: str
+    words: list[str]
+    vectors: np.ndarray  # (n, e) float32, L2-normalised, possibly memory-mapped
+    index: dict[str, int] = field(repr=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def phrase_vector(self, phrase: str) -> np.ndarray | None:
+        """The normalised mean of the known tokens' vectors, or ``None`` when none is known."""
+        key = phrase.strip().lower()
+        if key in self.index:
+            return np.asarray(self.vectors[self.index[key]], dtype=np.float32)
+        toks = [t for t in re.split(r"[^a-z0-9]+", key) if t]
+        rows = [self.index[t] for t in toks if t in self.index]
+        if not rows:
+            return None
+        v = np.asarray(self.vectors[rows], dtype=np.float32).mean(0)
+        return v / max(float(np.linalg.norm(v)), 1e-12)
+
+    def phrase_vectors(self, phrases: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+        """Vectors of the phrases that map, and the indices (into ``phrases``) of those that do."""
+        vs, ok = [], []
+        for i, p in enumerate(phrases):
+            v = self.phrase_vector(p)
+            if v is not None:
+                vs.append(v)
+                ok.append(i)
+        mat = np.stack(vs) if vs else np.zeros((0, self.dim), np.float32)
+        return mat.astype(np.float32), ok
+
+
+def load_embedding(store: Store, name: str | None = None) -> Embedding:
+    """The named embedding, or the most recently registered one."""
+    from gensim.models import KeyedVectors
+
+    if name is None:
+        latest = store.latest("embeddings")
+        if latest is None:
+            raise LaviseError(
+                "no word vectors in the store: run `lavise download glove` "
+                "(or `lavise download glove --from FILE` offline)"
+            )
+        name = latest.name
+    entry = store.get("embeddings", name)
+    kv = KeyedVectors.load(str(entry.path / KV_FILE), mmap="r")
+    return Embedding(name=name, words=list(kv.index_to_key), vectors=kv.vectors, index=dict(kv.key_to_index))
+
+
+# -- vocabulary -----------------------------------------------------------------------------
+
+VOCAB_SOURCES = ("default", "concepts", "raw")
+
+
+def visual_nouns() -> list[str]:
+    """The shipped list of concrete, visual English nouns (built by scripts/build_vocab.py)."""
+    text = resources.files("lavise_cli").joinpath("resources/visual_nouns.txt").read_text()
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+@dataclass
+class Vocabulary:
+    """The words (and phrases) an explanation may use, with their unit vectors."""
+
+    source: str
+    words: list[str]
+    vectors: np.ndarray  # (V, e) float32 normalised
+    size_limit: int | None = None
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {w: i for i, w in enumerate(self.words)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "size": len(self.words), "size_limit": self.size_limit}
+
+
+def build_vocabulary(
+    emb: Embedding, concepts: Sequence[str], source: str = "default", size: int | None = None
+) -> Vocabulary:
+    """The explanation vocabulary.
+
+    - ``default``: the reference concepts (phrases as mean vectors) plus the shipped visual nouns
+      that are among the embedding's ``size`` most frequent words (default 30,000);
+    - ``concepts``: the reference concepts only;
+    - ``raw``: the concepts plus the embedding's ``size`` most frequent alphabetic words (default 20,000);
+    - a path to a text file: one word or phrase per line (``#`` comments allowed).
+    """
+    words: list[str] = []
+    seen: set[str] = set()
+
+    def add(w: str) -> None:
+        w = w.strip().lower()
+        if w and w not in seen:
+            seen.add(w)
+            words.append(w)
+
+    if source in VOCAB_SOURCES:
+        for c in concepts:
+            add(c)
+        if source == "default":
+            limit = size or 30000
+            for w in visual_nouns():
+                r = emb.index.get(w)
+                if r is not None and r < limit:
+                    add(w)
+        elif source == "raw":
+            limit = size or 20000
+            n = 0
+            for w in emb.words:
+                if n >= limit:
+                    break
+                if w.isalpha():
+                    add(w)
+                    n += 1
+        label, lim = source, (size if source != "concepts" else None)
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise LaviseError(f"vocabulary file {source} does not exist (or use default, concepts, raw)")
+        for ln in path.read_text(encoding="utf-8").splitlines():
+            if ln.strip() and not ln.lstrip().startswith("#"):
+                add(ln)
+        if size:
+            words = words[:size]
+        label, lim = str(path.resolve()), size
+    vecs, ok = emb.phrase_vectors(words)
+    kept = [words[i] for i in ok]
+    if not kept:
+        raise LaviseError(f"no word of the vocabulary {source!r} is in the embedding {emb.name!r}")
+    return Vocabulary(source=label, words=kept, vectors=vecs, size_limit=lim)

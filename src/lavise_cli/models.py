@@ -1,0 +1,303 @@
+"""Target models and layers: torchvision models by name, users' own factories, hooks, preprocessing."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LaviseError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Preprocess:
+    """How images are brought to the model: a square resize to ``input_size``, then normalisation."""
+
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass
+class TargetModel:
+    """A frozen model, what it was built from, and how its inputs are prepared."""
+
+    module: nn.Module
+    name: str
+    weights: str
+    weights_digest: str
+    preprocess: Preprocess
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> dict[str, Any]:
+        return {"model": self.name, "weights": self.weights, "weights_digest": self.weights_digest,
+                "preprocess": self.preprocess.as_dict()}
+
+
+def state_dict_digest(module: nn.Module) -> str:
+    """sha256 over the parameters and buffers (names, shapes, bytes)."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        t = v.detach().cpu().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _torchvision_models() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _load_factory(spec: str) -> tuple[nn.Module, dict[str, Any]]:
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise LaviseError(f"bad factory {spec!r}: write package.module:callable or path/to/file.py:callable")
+    try:
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            path = Path(target).expanduser().resolve()
+            if not path.is_file():
+                raise LaviseError(f"factory file {target} does not exist")
+            mod_name = f"lavise_user_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+            spec_obj = importlib.util.spec_from_file_location(mod_name, path)
+            if spec_obj is None or spec_obj.loader is None:
+                raise LaviseError(f"cannot import factory file {target}")
+            module = importlib.util.module_from_spec(spec_obj)
+            sys.modules[mod_name] = module
+            spec_obj.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except LaviseError:
+        raise
+    except ImportError as e:
+        raise LaviseError(f"cannot import {target!r} for factory {spec!r}: {e}") from None
+    except Exception as e:  # the user's module failed while importing
+        raise LaviseError(f"importing {target!r} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise LaviseError(f"{target!r} has no callable {attr!r} (factory {spec!r})")
+    try:
+        result = fn()
+    except Exception as e:
+        raise LaviseError(f"factory {spec!r} failed: {type(e).__name__}: {e}") from None
+    pre: dict[str, Any] = {}
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict):
+        result, pre = result
+    if not isinstance(result, nn.Module):
+        raise LaviseError(f"factory {spec!r} returned {type(result).__name__}, not a torch.nn.Module")
+    pre = {**getattr(result, "lavise_preprocess", {}), **pre}
+    return result, pre
+
+
+def load_model(
+    spec: str,
+    weights: str | None = "DEFAULT",
+    *,
+    input_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> TargetModel:
+    """Build the target model named by ``spec`` in eval mode, frozen, on the CPU.
+
+    ``spec`` is a torchvision model name (``resnet18``) or a factory ``pkg.mod:fn`` /
+    ``path/file.py:fn`` returning an ``nn.Module`` (optionally ``(module, preprocess_dict)``, or
+    a module with a ``lavise_preprocess`` dict attribute).  ``weights`` is a torchvision weights
+    name (``DEFAULT``, ``IMAGENET1K_V1``), ``none`` for random initialisation, or a path to a
+    state dict (loaded with ``weights_only=True``).
+    """
+    import torchvision
+
+    pre: dict[str, Any] = {}
+    weights = weights or "DEFAULT"
+    wpath = Path(weights).expanduser()
+    is_file = weights.lower() != "none" and (wpath.suffix in {".pt", ".pth", ".bin", ".safetensors"} or wpath.exists())
+    if ":" in spec:
+        module, pre = _load_factory(spec)
+        weights_id = "factory" if not is_file else str(wpath.resolve())
+        if weights.lower() == "none":
+            weights_id = "factory"
+    else:
+        names = _torchvision_models()
+        if spec not in names:
+            near = difflib.get_close_matches(spec, names, n=4, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(near)}?" if near else ""
+            raise LaviseError(
+                f"unknown model {spec!r}.{hint} Give a torchvision model name (see torchvision.models.list_models()) "
+                "or your own factory as package.module:callable or path/file.py:callable"
+            )
+        if weights.lower() == "none" or is_file:
+            # Random initialisation is seeded, so `--weights none` is repeatable (and cacheable).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                module = torchvision.models.get_model(spec, weights=None)
+            weights_id = "none" if not is_file else str(wpath.resolve())
+        else:
+            try:
+                wenum = torchvision.models.get_model_weights(spec)
+                w = wenum[weights] if weights in wenum.__members__ else torchvision.models.get_weight(weights)
+            except (KeyError, ValueError, AttributeError):
+                choices = ", ".join(wenum.__members__) if "wenum" in dir() else ""
+                raise LaviseError(
+                    f"unknown weights {weights!r} for {spec}; choose one of: {choices}, none, or a state-dict path"
+                ) from None
+            try:
+                module = torchvision.models.get_model(spec, weights=w)
+            except Exception as e:  # network, hub cache
+                raise LaviseError(
+                    f"could not get the {spec} weights {w} ({type(e).__name__}); with no network, pass "
+                    f"--weights PATH (a state dict file) or --weights none (random init)"
+                ) from None
+            weights_id = str(w)
+            tf = w.transforms()
+            pre = {"input_size": int(getattr(tf, "crop_size", [224])[0]), "mean": tuple(tf.mean), "std": tuple(tf.std)}
+    if is_file:
+        _load_state_dict(module, wpath, spec)
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    prep = Preprocess(
+        input_size=int(input_size or pre.get("input_size", 224)),
+        mean=tuple(float(x) for x in (mean or pre.get("mean", IMAGENET_MEAN))),  # type: ignore[arg-type]
+        std=tuple(float(x) for x in (std or pre.get("std", IMAGENET_STD))),  # type: ignore[arg-type]
+    )
+    if len(prep.mean) != 3 or len(prep.std) != 3:
+        raise LaviseError("--mean and --std take three comma-separated numbers (R,G,B)")
+    digest = state_dict_digest(module)
+    return TargetModel(module=module, name=spec, weights=weights_id, weights_digest=digest, preprocess=prep)
+
+
+def _load_state_dict(module: nn.Module, path: Path, spec: str) -> None:
+    if not path.is_file():
+        raise LaviseError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LaviseError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise LaviseError(f"weights file {path} does not hold a state dict")
+    try:
+        module.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise LaviseError(
+            f"weights file {path} does not fit {spec} (wrong architecture?): {detail[:200]}"
+        ) from None
+
+
+# -- layers ---------------------------------------------------------------------------------
+
+
+def resolve_layer(model: nn.Module, path: str) -> nn.Module:
+    """The module at dotted ``path`` (a getattr chain; no eval), or a clear error with near names."""
+    names = dict(model.named_modules())
+    if path in names and path != "":
+        return names[path]
+    near = difflib.get_close_matches(path, [n for n in names if n], n=5, cutoff=0.4)
+    hint = f" Nearest names: {', '.join(near)}." if near else ""
+    raise LaviseError(f"the model has no layer {path!r}.{hint} Run `lavise layers MODEL` to list them.")
+
+
+def layer_shapes(model: nn.Module, input_size: int = 224) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, output shape without batch) of every module, in the order their forward finished.
+
+    A module called several times reports the shape of its last call.
+    """
+    order: dict[str, tuple[int, ...]] = {}
+    handles = []
+
+    def make(name: str):
+        def hook(_m: nn.Module, _i: Any, o: Any) -> None:
+            if isinstance(o, torch.Tensor):
+                order.pop(name, None)
+                order[name] = tuple(o.shape[1:])
+
+        return hook
+
+    for name, m in model.named_modules():
+        if name:
+            handles.append(m.register_forward_hook(make(name)))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for h in handles:
+            h.remove()
+    return list(order.items())
+
+
+def default_layer(model: nn.Module, input_size: int = 224) -> str:
+    """The last 4-D feature map with a spatial extent before global pooling."""
+    best = None
+    for name, shape in layer_shapes(model, input_size):
+        if len(shape) == 3 and shape[1] * shape[2] > 1:
+            best = name
+    if best is None:
+        raise LaviseError("the model has no 4-D feature map with spatial extent; name one with --layer")
+    return best
+
+
+@contextmanager
+def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Forward hooks that keep each named layer's output of the latest forward."""
+    feats: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in layers:
+        mod = resolve_layer(model, name)
+
+        def hook(_m: nn.Module, _i: Any, o: Any, name: str = name) -> None:
+            if not isinstance(o, torch.Tensor) or o.dim() != 4:
+                raise LaviseError(f"layer {name!r} does not output a 4-D feature map; pick another --layer")
+            feats[name] = o
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        yield feats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` = CUDA when available, then MPS, else CPU."""
+    d = (device or "auto").lower()
+    if d == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(d)
+    except RuntimeError:
+        raise LaviseError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LaviseError(f"device {device} asked for but CUDA is not available here; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LaviseError("device mps asked for but MPS is not available here; use --device cpu")
+    return dev

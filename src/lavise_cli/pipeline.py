@@ -1,0 +1,277 @@
+"""The library calls behind `explain`, `evaluate` and `heatmap`: explainer + target set + cache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .data.images import View, apply_view_image, normalize, read_rgb
+from .data.index import load_index
+from .embeddings import Vocabulary, build_vocabulary, load_embedding
+from .errors import LaviseError
+from .evaluate import ConceptSpace, ground_truth, netdissect_iou, recall_at, vocab_to_concepts
+from .explain import METHODS, Explanation, explain_filters, parse_filters, regions, top_images
+from .explainer import EXPLAINER_FILE, LoadedExplainer, load_explainer
+from .models import TargetModel, capture, load_model, resolve_device
+from .store import Entry, Store, atomic_write_json, stable_digest
+from .target import TargetCache, TargetSet, folder_target, labelled_target, target_pass
+
+ALL_METHODS = ("attention", "activation-masking", "image-masking", "original", "netdissect", "frequency")
+
+
+@dataclass
+class Session:
+    """An explainer with its model, a target set and that set's cached pass."""
+
+    store: Store
+    entry: Entry
+    explainer: LoadedExplainer
+    model: TargetModel
+    target: TargetSet
+    cache: TargetCache
+    device: torch.device
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.explainer.meta
+
+    @property
+    def size(self) -> int:
+        return self.model.preprocess.input_size
+
+    def results_dir(self) -> Path:
+        d = self.entry.path / "results"
+        d.mkdir(exist_ok=True)
+        return d
+
+
+def open_explainer(store: Store, name: str | None = None) -> tuple[Entry, LoadedExplainer]:
+    if name is None:
+        latest = store.latest("explainers")
+        if latest is None:
+            raise LaviseError("no explainer in the store yet: train one first, e.g. `lavise train resnet18 coco`")
+        name = latest.name
+    entry = store.get("explainers", name)
+    return entry, load_explainer(entry.path / EXPLAINER_FILE)
+
+
+def model_for(meta: dict[str, Any]) -> TargetModel:
+    """Rebuild the explainer's target model exactly as it was trained (checked by digest)."""
+    weights = meta["weights"]
+    w = "DEFAULT" if weights == "factory" else weights
+    pre = meta["preprocess"]
+    model = load_model(meta["model"], w, input_size=pre["input_size"], mean=pre["mean"], std=pre["std"])
+    if model.weights_digest != meta["weights_digest"]:
+        raise LaviseError(
+            f"the model {meta['model']} ({weights}) no longer matches the one this explainer was trained on "
+            "(its weights changed); train the explainer again"
+        )
+    return model
+
+
+def open_session(
+    store: Store,
+    explainer: str | None = None,
+    *,
+    datasets: Sequence[str] = (),
+    split: str = "val",
+    images: Path | None = None,
+    model: str | None = None,
+    layer: str | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: Any = None,
+) -> Session:
+    """Load the explainer (default: the latest), check it fits, and run (or reuse) the target pass.
+
+    The target set is ``images`` (a plain folder), else the ``split`` of ``datasets``, else the
+    ``split`` (default val) of the datasets the explainer was trained on.
+    """
+    entry, ex = open_explainer(store, explainer)
+    meta = ex.meta
+    if model is not None and model != meta["model"]:
+        raise LaviseError(f"explainer {entry.name!r} was trained for model {meta['model']}, not {model}; "
+                          "pick a matching --explainer (see `lavise store --kind explainers`)")
+    if layer is not None and layer != meta["layer"]:
+        raise LaviseError(f"explainer {entry.name!r} was trained for layer {meta['layer']}, not {layer}; "
+                          "pick a matching --explainer or train one for that layer")
+    dev = resolve_device(device)
+    tm = model_for(meta)
+    if images is not None:
+        target = folder_target(images)
+    else:
+        names = list(datasets) or list(meta["datasets"])
+        target = labelled_target([load_index(store, n) for n in names], split)
+    cache = target_pass(store, tm, meta["layer"], target, device=dev, batch_size=batch_size, workers=workers,
+                        progress=progress)
+    if cache.shape[0] != int(meta["d"]):
+        raise LaviseError(f"layer {meta['layer']} of this model has {cache.shape[0]} filters but the explainer "
+                          f"expects {meta['d']}: the explainer was trained for another model or layer")
+    return Session(store, entry, ex, tm, target, cache, dev)
+
+
+def vocabulary_for(session: Session, source: str = "default", size: int | None = None) -> Vocabulary:
+    emb = load_embedding(session.store, session.meta["embedding"])
+    if emb.dim != int(session.meta["embedding_dim"]):
+        raise LaviseError(f"embedding {emb.name} has dimension {emb.dim}, the explainer {session.meta['embedding_dim']}")
+    return build_vocabulary(emb, session.meta["concepts"], source, size)
+
+
+def image_masking_inputs(session: Session, batch: int = 64):
+    """``z`` for (rows, filters): the image outside the filter's region set to the dataset mean, re-run."""
+    size = session.size
+    net = session.model.module.to(session.device)
+    layer = session.meta["layer"]
+
+    def fn(rows: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
+        outs = []
+        uniq, inv = torch.unique(rows, return_inverse=True)
+        maps = session.cache.maps(uniq)
+        pre = session.model.preprocess
+        imgs = torch.stack([normalize(apply_view_image(read_rgb(session.target.paths[int(session.cache.rows[r])]),
+                                                       View(), size), pre.mean, pre.std) for r in uniq.tolist()])
+        with torch.inference_mode(), capture(net, [layer]) as feats:
+            for s in range(0, len(rows), batch):
+                ii, ff = inv[s:s + batch], filt[s:s + batch]
+                keep = regions(maps[ii], ff, session.cache.threshold, size)  # (b, S, S)
+                x = imgs[ii] * keep[:, None].to(imgs.dtype)  # normalised space: 0 is the dataset mean
+                net(x.to(session.device))
+                outs.append(feats[layer].float().flatten(2).mean(2).cpu())
+        return torch.cat(outs)
+
+    return fn
+
+
+def run_explain(session: Session, filters: Sequence[int], method: str, vocab: Vocabulary, *, p: int, s: int, k: int,
+                progress: Any = None, netdissect_words: torch.Tensor | None = None) -> Explanation:
+    masked = image_masking_inputs(session) if method == "image-masking" else None
+    return explain_filters(session.explainer if method != "netdissect" else None, session.cache, vocab, filters,
+                           method=method, p=p, s=s, k=k, masked_inputs=masked, fixed_words=netdissect_words,
+                           progress=progress)
+
+
+def netdissect_words(session: Session, filters: Sequence[int], vocab: Vocabulary, s: int, progress: Any = None
+                     ) -> tuple[torch.Tensor, Vocabulary]:
+    """Per filter, the reference concepts ranked by dataset-wide IoU (as indices into a concept vocabulary)."""
+    space = ConceptSpace.of(session.target, usable=set(vocab.words))
+    iou = netdissect_iou(session.target, session.cache, session.size, space, progress)
+    idx = torch.as_tensor(list(filters), dtype=torch.long)
+    ranked = iou[idx].argsort(dim=1, descending=True, stable=True)[:, :s]
+    pos = torch.tensor([vocab.index[c] for c in space.labels], dtype=torch.long)
+    return pos[ranked], vocab
+
+
+def explanation_doc(session: Session, ex: Explanation) -> dict[str, Any]:
+    concepts = set(session.meta["concepts"])
+    vw = ex.vocabulary.words
+    filters = []
+    for j, u in enumerate(ex.filters):
+        rows = ex.top_rows[j].tolist()
+        filters.append({
+            "filter": u,
+            "inactive": bool(ex.inactive[j]),
+            "threshold": float(session.cache.threshold[u]),
+            "words": [{"word": w, "images": c, "similarity": round(sim, 4), "novel": w not in concepts}
+                      for w, c, sim in ex.words[j]],
+            "top_images": [{"row": r, "path": str(session.target.paths[int(session.cache.rows[r])]),
+                            "max_activation": float(session.cache.img_max[r, u]),
+                            "words": [vw[i] for i in ex.image_words[j, q].tolist()]} for q, r in enumerate(rows)],
+        })
+    return {
+        "explainer": session.entry.name,
+        "model": session.meta["model"],
+        "layer": session.meta["layer"],
+        "method": ex.method,
+        "target": session.target.description,
+        "target_images": session.cache.n,
+        "vocabulary": ex.vocabulary.describe(),
+        "settings": ex.settings,
+        "filters": filters,
+    }
+
+
+def save_result(session: Session, kind: str, doc: dict[str, Any], key: dict[str, Any]) -> Path:
+    path = session.results_dir() / f"{kind}-{stable_digest(key)[:12]}.json"
+    atomic_write_json(path, doc)
+    return path
+
+
+def evaluate_methods(
+    session: Session,
+    methods: Sequence[str],
+    vocab: Vocabulary,
+    *,
+    cuts: Sequence[int] = (5, 10, 20),
+    p: int = 25,
+    filters: Sequence[int] | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """recall@s of each method over the labelled target set (per method.md)."""
+    if not session.target.labelled:
+        raise LaviseError("evaluate needs labels: use a preprocessed dataset as target (not --images DIR)")
+    for m in methods:
+        if m not in ALL_METHODS:
+            raise LaviseError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)} or all")
+    d = session.cache.shape[0]
+    filters = list(filters) if filters is not None else list(range(d))
+    smax = max(cuts)
+    space = ConceptSpace.of(session.target, usable=set(vocab.words))
+    trained = set(session.meta.get("trained_concepts", session.meta["concepts"]))
+    novel_setting = len(trained) < len(session.meta["concepts"])
+    seen_mask = torch.tensor([c in trained for c in space.labels], dtype=torch.bool)
+    top_rows = top_images(session.cache, p)[torch.as_tensor(filters, dtype=torch.long)]
+    gt = ground_truth(session.target, session.cache, filters, top_rows, session.size, space, progress)
+    v2c = vocab_to_concepts(vocab, space)
+    results: dict[str, Any] = {}
+    per_filter: dict[str, Any] = {}
+    for m in methods:
+        if m == "frequency":
+            counts = torch.tensor(session.meta["concept_counts"], dtype=torch.float64)
+            order = [session.meta["concepts"][i] for i in counts.argsort(descending=True, stable=True).tolist()]
+            ids = [space.index[c] for c in order if c in space.index][:smax]
+            words = torch.tensor(ids, dtype=torch.long)[None, None, :].expand(len(filters), top_rows.shape[1], -1)
+        else:
+            nd = netdissect_words(session, filters, vocab, smax, progress)[0] if m == "netdissect" else None
+            ex = run_explain(session, filters, m, vocab, p=p, s=smax, k=smax, progress=progress, netdissect_words=nd)
+            words = v2c[ex.image_words]
+        r = recall_at(words, gt, cuts)
+        per_filter[m] = r.pop("_per_filter")
+        if novel_setting:
+            for label, mask in (("seen", seen_mask), ("unseen", ~seen_mask)):
+                sub = recall_at(words, gt, cuts, subset=mask)
+                sub.pop("_per_filter")
+                r[label] = sub
+        results[m] = r
+    return {
+        "explainer": session.entry.name,
+        "model": session.meta["model"],
+        "layer": session.meta["layer"],
+        "target": session.target.description,
+        "target_images": session.cache.n,
+        "vocabulary": vocab.describe(),
+        "p": int(top_rows.shape[1]),
+        "recall": list(cuts),
+        "iou_threshold": 0.04,
+        "novel_concepts": novel_setting,
+        "methods": results,
+        "per_filter": {m: {"filters": filters, **v} for m, v in per_filter.items()},
+    }
+
+
+def nan_to_none(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [nan_to_none(v) for v in x]
+    return x
+
+
+__all__ = ["METHODS", "ALL_METHODS", "Session", "open_session", "vocabulary_for", "run_explain", "evaluate_methods",
+           "parse_filters", "explanation_doc", "save_result", "netdissect_words"]

@@ -1,0 +1,339 @@
+"""Fitting an explainer on cached features: ``lavise train``."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data.images import View, named_views
+from .data.index import DatasetIndex, _seen_split, load_index
+from .embeddings import Embedding, load_embedding
+from .errors import LaviseError
+from .explainer import EXPLAINER_FILE, Explainer, hinge_rank_loss, save_explainer
+from .features import reference_features
+from .models import TargetModel, default_layer, load_model, resolve_device, resolve_layer
+from .store import Store, atomic_write_json, stable_digest
+
+
+@dataclass
+class TrainSettings:
+    """Defaults: AdamW, lr 1e-3, weight decay 1e-2, batch 256, up to 60 epochs, patience 10."""
+
+    epochs: int = 60
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 256
+    patience: int = 10
+    val_fraction: float = 0.1
+    margin: float = 1.0
+    seed: int = 0
+    seen_fraction: float | None = None  # train on the seen concepts only
+
+
+@dataclass
+class TrainingData:
+    """Cached features of the union of several datasets' train splits, concepts merged by label."""
+
+    z: torch.Tensor  # (N, d) float32
+    target: torch.Tensor  # (N,) index into concepts
+    group: torch.Tensor  # (N,) image group id (dataset, image) for the validation split
+    concepts: list[str]
+    concept_vectors: torch.Tensor  # (C, e)
+    seen: list[bool]
+    counts: list[int]  # training pairs per concept
+
+
+@dataclass
+class TrainResult:
+    name: str
+    path: Path
+    layer: str
+    feature_cache: str
+    epochs: int
+    best_epoch: int
+    best_val_loss: float
+    seconds: dict[str, float]
+    losses: list[dict[str, float]] = field(default_factory=list)
+    pairs: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["explainer"] = d.pop("name")
+        return d
+
+
+def merged_concepts(indexes: Sequence[DatasetIndex], emb: Embedding, seen_fraction: float | None, seed: int
+                    ) -> tuple[list[str], torch.Tensor, list[bool]]:
+    """Mapped concepts of all indexes merged by label, their unit vectors and the seen flags."""
+    labels: list[str] = []
+    seen_first: dict[str, bool] = {}
+    for ix in indexes:
+        for c, m, s in zip(ix.concepts, ix.mapped, ix.seen):
+            if m and c not in seen_first:
+                labels.append(c)
+                seen_first[c] = s
+    vecs, ok = emb.phrase_vectors(labels)
+    labels = [labels[i] for i in ok]
+    if seen_fraction is None:
+        seen = [True] * len(labels)
+    elif len(indexes) == 1 and math.isclose(seen_fraction, indexes[0].manifest["settings"].get("seen_fraction", -1)):
+        seen = [seen_first[c] for c in labels]
+    else:
+        seen = _seen_split([True] * len(labels), seen_fraction, seed)
+    return labels, torch.from_numpy(vecs), seen
+
+
+def train_explainer(
+    feats: torch.Tensor,
+    target: torch.Tensor,
+    group: torch.Tensor,
+    concept_vectors: torch.Tensor,
+    settings: TrainSettings,
+    *,
+    device: torch.device | str = "cpu",
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: Any = None,
+    on_epoch: Callable[[int], None] | None = None,
+) -> tuple[Explainer, list[dict[str, float]], int]:
+    """Fit an explainer; returns (best module, per-epoch losses, best epoch).
+
+    Validation is a seeded split of the images (``group``).  With ``checkpoint``, the state after
+    every epoch is saved there, and ``resume`` continues from it bit for bit.
+    """
+    device = torch.device(device)
+    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    groups = torch.unique(group)
+    perm = groups[torch.randperm(len(groups), generator=gen)]
+    n_val = int(round(settings.val_fraction * len(groups))) if len(groups) > 1 else 0
+    val_groups = perm[:n_val]
+    is_val = torch.isin(group, val_groups)
+    tr_idx, va_idx = torch.nonzero(~is_val).squeeze(1), torch.nonzero(is_val).squeeze(1)
+    if len(tr_idx) < 2:
+        raise LaviseError("too few training pairs to train an explainer (need at least 2)")
+    z = feats.float().to(device)
+    t = target.long().to(device)
+    cv = concept_vectors.float().to(device)
+    model = Explainer(z.shape[1], cv.shape[1]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    losses: list[dict[str, float]] = []
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_val, best_epoch, start, bad = math.inf, 0, 0, 0
+    if resume and checkpoint is not None and checkpoint.exists():
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        best_state = ck["best_state"]
+        losses = [dict(zip(("epoch", "train", "val"), row)) for row in ck["losses"].tolist()]
+        for row in losses:
+            row["epoch"] = int(row["epoch"])
+        best_val, best_epoch, start, bad = float(ck["best_val"]), int(ck["best_epoch"]), int(ck["epoch"]), int(ck["bad"])
+        torch.set_rng_state(ck["rng"])
+        gen.set_state(ck["gen"])
+    task = progress.add_task("training explainer", total=settings.epochs, completed=start, unit="epoch") \
+        if progress is not None else None
+    bs = settings.batch_size
+    for epoch in range(start, settings.epochs):
+        if bad >= settings.patience:
+            break
+        model.train()
+        order = tr_idx[torch.randperm(len(tr_idx), generator=gen)]
+        total, count = 0.0, 0
+        for s in range(0, len(order), bs):
+            b = order[s:s + bs]
+            if len(b) < 2:  # BatchNorm needs two samples in training mode
+                continue
+            loss = hinge_rank_loss(model(z[b]), t[b], cv, settings.margin)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(b)
+            count += len(b)
+        train_loss = total / max(count, 1)
+        val_loss = evaluate_loss(model, z[va_idx], t[va_idx], cv, settings.margin) if len(va_idx) else train_loss
+        losses.append({"epoch": epoch + 1, "train": train_loss, "val": val_loss})
+        if val_loss < best_val - 1e-6:
+            best_val, best_epoch, bad = val_loss, epoch + 1, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+        if checkpoint is not None:
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({
+                "model": model.state_dict(), "opt": opt.state_dict(), "best_state": best_state,
+                "losses": torch.tensor([[r["epoch"], r["train"], r["val"]] for r in losses], dtype=torch.float64),
+                "best_val": torch.tensor(best_val), "best_epoch": torch.tensor(best_epoch),
+                "epoch": torch.tensor(epoch + 1), "bad": torch.tensor(bad),
+                "rng": torch.get_rng_state(), "gen": gen.get_state(),
+            }, tmp)
+            tmp.replace(checkpoint)
+        if task is not None:
+            progress.update(task, completed=epoch + 1,
+                            description=f"training explainer (val {val_loss:.3f}, best {best_val:.3f} @ {best_epoch})")
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
+    model.load_state_dict(best_state)
+    model.eval()
+    return model.cpu(), losses, best_epoch
+
+
+@torch.no_grad()
+def evaluate_loss(model: Explainer, z: torch.Tensor, t: torch.Tensor, cv: torch.Tensor, margin: float,
+                  chunk: int = 8192) -> float:
+    model.eval()
+    total = 0.0
+    for s in range(0, len(z), chunk):
+        total += float(hinge_rank_loss(model(z[s:s + chunk]), t[s:s + chunk], cv, margin)) * len(z[s:s + chunk])
+    return total / max(len(z), 1)
+
+
+def train(
+    store: Store,
+    model_spec: str,
+    datasets: Sequence[str],
+    *,
+    layers: Sequence[str] = (),
+    weights: str | None = "DEFAULT",
+    input_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    name: str | None = None,
+    embedding: str | None = None,
+    settings: TrainSettings | None = None,
+    views: str = "full",
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int | None = None,
+    resume: bool = False,
+    progress: Any = None,
+    on_epoch: Callable[[int], None] | None = None,
+) -> list[TrainResult]:
+    """Train one explainer per layer on the union of the datasets' train splits."""
+    settings = settings or TrainSettings()
+    if not datasets:
+        raise LaviseError("name at least one preprocessed dataset, e.g. `lavise train resnet18 coco`")
+    dev = resolve_device(device)
+    indexes = [load_index(store, d) for d in datasets]
+    for ix in indexes:
+        if "train" not in ix.splits:
+            raise LaviseError(f"dataset {ix.name!r} has no train split to train on")
+    emb_names = {ix.manifest["inputs"]["embedding"]["name"] for ix in indexes}
+    emb = load_embedding(store, embedding or (emb_names.pop() if len(emb_names) == 1 else None))
+    model = load_model(model_spec, weights, input_size=input_size, mean=mean, std=std)
+    layers = list(layers) or [default_layer(model.module, model.preprocess.input_size)]
+    for layer in layers:
+        resolve_layer(model.module, layer)
+    view_list: list[View] = named_views(views)
+    concepts, cvecs, seen = merged_concepts(indexes, emb, settings.seen_fraction, settings.seed)
+    cidx = {c: i for i, c in enumerate(concepts)}
+    t0 = time.perf_counter()
+    per_ds = []
+    hits = []
+    for ix in indexes:
+        fs = reference_features(store, model, layers, ix.splits["train"], ix.digest, views=view_list, device=dev,
+                                batch_size=batch_size, workers=workers, progress=progress)
+        per_ds.append(fs)
+        hits.extend(f.hit for f in fs.values())
+    t_feat = time.perf_counter() - t0
+    results = []
+    ds_label = "+".join(datasets)
+    for layer in layers:
+        zs, ts, gs = [], [], []
+        for k, (ix, fs) in enumerate(zip(indexes, per_ds)):
+            f = fs[layer]
+            local = torch.tensor([cidx.get(c, -1) for c in ix.concepts], dtype=torch.long)
+            tg = local[f.concept]
+            keep = tg >= 0
+            if settings.seen_fraction is not None:
+                keep &= torch.tensor(seen, dtype=torch.bool)[tg.clamp_min(0)]
+            zs.append(f.z[keep])
+            ts.append(tg[keep])
+            gs.append(f.image[keep] + k * 10_000_000)
+        z, tgt, grp = torch.cat(zs), torch.cat(ts), torch.cat(gs)
+        train_mask = torch.tensor(seen, dtype=torch.bool) if settings.seen_fraction is not None else torch.ones(len(concepts), dtype=torch.bool)
+        # The loss ranks against the training concepts only (the seen ones in the novel-concept setting).
+        train_concepts = torch.nonzero(train_mask).squeeze(1)
+        remap = torch.full((len(concepts),), -1, dtype=torch.long)
+        remap[train_concepts] = torch.arange(len(train_concepts))
+        tgt_train = remap[tgt]
+        ex_name = name if (name and len(layers) == 1) else (f"{name}-{layer}" if name else f"{_slug(model.name)}-{layer}-{ds_label}")
+        ex_name = _slug(ex_name)
+        checkpoint_dir = store.kind_dir("explainers") / f".partial-{ex_name}"
+        run_key = stable_digest({"model": model.key(), "layer": layer, "datasets": [ix.digest for ix in indexes],
+                                 "settings": asdict(settings), "views": views})
+        if checkpoint_dir.exists() and (not resume or _read_key(checkpoint_dir) != run_key):
+            shutil.rmtree(checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (checkpoint_dir / "run.json").write_text(json.dumps({"key": run_key}))
+        t1 = time.perf_counter()
+        module, losses, best_epoch = train_explainer(
+            z, tgt_train, grp, cvecs[train_concepts], settings, device=dev,
+            checkpoint=checkpoint_dir / "checkpoint.pt", resume=resume, progress=progress, on_epoch=on_epoch)
+        t_train = time.perf_counter() - t1
+        best_val = min((r["val"] for r in losses), default=float("nan"))
+        counts = torch.bincount(tgt, minlength=len(concepts)).tolist()
+        meta = {
+            "format": "lavise-explainer/1",
+            "lavise_version": __version__,
+            "model": model.name,
+            "weights": model.weights,
+            "weights_digest": model.weights_digest,
+            "preprocess": model.preprocess.as_dict(),
+            "layer": layer,
+            "d": int(z.shape[1]),
+            "embedding": emb.name,
+            "embedding_dim": emb.dim,
+            "datasets": list(datasets),
+            "views": views,
+            "concepts": concepts,
+            "seen": seen,
+            "concept_counts": counts,
+            "trained_concepts": [concepts[i] for i in train_concepts.tolist()],
+            "settings": asdict(settings),
+            "losses": losses,
+            "best_epoch": best_epoch,
+            "best_val_loss": best_val,
+            "pairs": int(len(z)),
+        }
+        with store.writing("explainers", ex_name,
+                           inputs={"model": model.key(), "layer": layer, "datasets": [ix.digest for ix in indexes],
+                                   "embedding": emb.name},
+                           settings={**asdict(settings), "views": views, "model": model.name, "layer": layer,
+                                     "datasets": list(datasets)}) as tmp:
+            save_explainer(tmp / EXPLAINER_FILE, module, cvecs, {**meta, "name": ex_name})
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        path = store.path("explainers", ex_name) / EXPLAINER_FILE
+        results.append(TrainResult(
+            name=ex_name, path=path, layer=layer, feature_cache="hit" if all(hits) else "miss",
+            epochs=len(losses), best_epoch=best_epoch, best_val_loss=best_val,
+            seconds={"features": round(t_feat, 3), "training": round(t_train, 3)}, losses=losses,
+            pairs={"train_and_val": int(len(z))}))
+    return results
+
+
+def _slug(s: str) -> str:
+    import re
+
+    if ":" in s:  # a factory: name it after its file or module
+        target = s.rsplit(":", 1)[0]
+        s = Path(target).stem if target.endswith(".py") else target.split(".")[-1]
+    base = s
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", base).strip("-.") or "explainer"
+
+
+def _read_key(d: Path) -> str | None:
+    try:
+        return json.loads((d / "run.json").read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        return None

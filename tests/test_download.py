@@ -1,0 +1,735 @@
+"""`lavise download`: resumable verified fetches, safe extraction, registration, the CLI.
+
+Every network test talks to a real HTTP server on 127.0.0.1 (started per test on an ephemeral
+port) that serves fixture bytes, honours ``Range`` and can cut a transfer off half-way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import re
+import socket
+import tarfile
+import threading
+import zipfile
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from lavise_cli import download as dl
+from lavise_cli.errors import DataError, LaviseError
+from lavise_cli.store import Store
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# ----------------------------------------------------------------------------------------------
+# A real HTTP server
+# ----------------------------------------------------------------------------------------------
+class FixtureServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files: dict[str, bytes] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.cut_after: dict[str, int] = {}  # path -> bytes sent before the connection is dropped (once)
+        self.honour_ranges = True
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def url(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def serve(self, name: str, data: bytes) -> str:
+        self.files["/" + name] = data
+        return self.url(name)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FixtureServer
+
+    def log_message(self, *args: Any) -> None:  # keep test output quiet
+        pass
+
+    def do_GET(self) -> None:
+        srv = self.server
+        srv.requests.append({"path": self.path, "headers": dict(self.headers)})
+        data = srv.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        if m and srv.honour_ranges:
+            start = int(m.group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        cut = srv.cut_after.pop(self.path, None)
+        if cut is not None:
+            self.wfile.write(body[:cut])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server() -> Iterator[FixtureServer]:
+    srv = FixtureServer()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "home")
+
+
+def payload(n: int = 300_000) -> bytes:
+    return bytes((i * 7919 + i // 251) % 256 for i in range(n))
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny fixture data
+# ----------------------------------------------------------------------------------------------
+def jpeg(width: int = 40, height: int = 30, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def png(width: int = 40, height: int = 30) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (1, 0, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def instances_json(file_names: list[str]) -> dict[str, Any]:
+    images = [{"id": i + 1, "file_name": f, "width": 40, "height": 30} for i, f in enumerate(file_names)]
+    anns = [
+        {
+            "id": i + 1,
+            "image_id": i + 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "area": 100.0,
+            "bbox": [5, 5, 10, 10],
+            "segmentation": [[5, 5, 15, 5, 15, 15, 5, 15]],
+        }
+        for i in range(len(file_names))
+    ]
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "dog", "supercategory": "animal"}]}
+
+
+def panoptic_json(file_names: list[str]) -> dict[str, Any]:
+    images = [{"id": i + 1, "file_name": f, "width": 40, "height": 30} for i, f in enumerate(file_names)]
+    anns = [
+        {
+            "image_id": i + 1,
+            "file_name": f.replace(".jpg", ".png"),
+            "segments_info": [{"id": 1, "category_id": 1, "iscrowd": 0, "area": 1200, "bbox": [0, 0, 40, 30]}],
+        }
+        for i, f in enumerate(file_names)
+    ]
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "dog", "isthing": 1}]}
+
+
+def make_coco(root: Path, splits: tuple[str, ...] = ("train", "val"), images: bool = True) -> Path:
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for s in splits:
+        names = [f"{s}_{i:03d}.jpg" for i in range(2)]
+        (root / "annotations" / f"instances_{s}2017.json").write_text(json.dumps(instances_json(names)))
+        if images:
+            (root / f"{s}2017").mkdir(exist_ok=True)
+            for k, n in enumerate(names):
+                (root / f"{s}2017" / n).write_bytes(jpeg(color=(50 * k, 100, 150)))
+    return root
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def tar_gz(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                tf.addfile(m)
+            else:
+                info = tarfile.TarInfo(m[0])
+                info.size = len(m[1])
+                tf.addfile(info, io.BytesIO(m[1]))
+    return path
+
+
+def tar_link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# fetch
+# ----------------------------------------------------------------------------------------------
+def test_fetch_full_with_checksum(server: FixtureServer, tmp_path: Path) -> None:
+    data = payload()
+    url = server.serve("blob.bin", data)
+    dest = tmp_path / "out" / "blob.bin"
+    result = dl.fetch(url, dest, sha256=sha(data), md5=hashlib.md5(data).hexdigest(), size=len(data), chunk=64 << 10)
+    assert dest.read_bytes() == data
+    assert result == {"path": dest, "url": url, "size": len(data), "sha256": sha(data)}
+    assert not dl.part_path(dest).exists()
+    assert "Range" not in server.requests[0]["headers"]
+
+
+def test_fetch_always_records_sha256(server: FixtureServer, tmp_path: Path) -> None:
+    data = payload(1000)
+    result = dl.fetch(server.serve("x.bin", data), tmp_path / "x.bin")
+    assert result["sha256"] == sha(data) and result["size"] == 1000
+
+
+def test_fetch_cut_off_then_resumed_with_range(server: FixtureServer, tmp_path: Path) -> None:
+    data = payload()
+    url = server.serve("big.zip", data)
+    server.cut_after["/big.zip"] = 120_000
+    dest = tmp_path / "big.zip"
+    with pytest.raises(DataError, match="run the same command again to resume") as exc:
+        dl.fetch(url, dest, sha256=sha(data), chunk=16 << 10)
+    assert "\n" not in str(exc.value)
+    part = dl.part_path(dest)
+    assert part.stat().st_size == 120_000 and not dest.exists()
+
+    result = dl.fetch(url, dest, sha256=sha(data), chunk=16 << 10)
+    assert server.requests[1]["headers"].get("Range") == "bytes=120000-"
+    assert dest.read_bytes() == data and result["sha256"] == sha(data)
+    assert not part.exists()
+
+
+def test_fetch_restarts_when_server_ignores_range(server: FixtureServer, tmp_path: Path) -> None:
+    data = payload(50_000)
+    url = server.serve("f.bin", data)
+    dest = tmp_path / "f.bin"
+    dl.part_path(dest).write_bytes(b"garbage that is not a prefix")
+    server.honour_ranges = False
+    dl.fetch(url, dest, sha256=sha(data))
+    assert server.requests[0]["headers"].get("Range") == "bytes=28-"
+    assert dest.read_bytes() == data
+
+
+def test_fetch_part_already_complete_needs_no_request(server: FixtureServer, tmp_path: Path) -> None:
+    data = payload(10_000)
+    url = server.serve("f.bin", data)
+    dest = tmp_path / "f.bin"
+    dl.part_path(dest).write_bytes(data)
+    dl.fetch(url, dest, sha256=sha(data), size=len(data))
+    assert server.requests == [] and dest.read_bytes() == data
+
+
+def test_fetch_part_complete_answered_416(server: FixtureServer, tmp_path: Path) -> None:
+    data = payload(10_000)
+    url = server.serve("f.bin", data)
+    dest = tmp_path / "f.bin"
+    dl.part_path(dest).write_bytes(data)
+    dl.fetch(url, dest, sha256=sha(data))  # size unknown: the server's 416 says the part is whole
+    assert len(server.requests) == 1 and dest.read_bytes() == data
+
+
+def test_fetch_wrong_checksum_leaves_nothing(server: FixtureServer, tmp_path: Path) -> None:
+    data = payload(20_000)
+    url = server.serve("f.zip", data)
+    dest = tmp_path / "f.zip"
+    with pytest.raises(DataError) as exc:
+        dl.fetch(url, dest, sha256="0" * 64)
+    msg = str(exc.value)
+    assert "checksum mismatch for f.zip" in msg and "0" * 64 in msg and sha(data) in msg and "\n" not in msg
+    assert not dest.exists() and not dl.part_path(dest).exists()
+    with pytest.raises(DataError, match="expected md5"):
+        dl.fetch(url, dest, md5="0" * 32)
+    with pytest.raises(DataError, match="expected 5 bytes"):
+        dl.fetch(url, dest, size=5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_http_and_network_errors_are_one_line(server: FixtureServer, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="HTTP 404"):
+        dl.fetch(server.url("missing.zip"), tmp_path / "m.zip")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DataError, match="run the same command again to resume") as exc:
+        dl.fetch(f"http://127.0.0.1:{port}/x.zip", tmp_path / "x.zip", timeout=5)
+    assert "\n" not in str(exc.value)
+
+
+def test_mirror_rewrites_source_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    src = dl.SOURCES["coco-val-images"]
+    assert src.resolved_url == "http://images.cocodataset.org/zips/val2017.zip"
+    monkeypatch.setenv(dl.MIRROR_ENV, "http://127.0.0.1:9/mirror/")
+    assert src.resolved_url == "http://127.0.0.1:9/mirror/val2017.zip"
+    assert dl.glove_source("glove-wiki-gigaword-300")[0] == "http://127.0.0.1:9/mirror/glove-wiki-gigaword-300.gz"
+    assert dl.glove_source("https://example.org/v.txt.gz") == ("https://example.org/v.txt.gz", None, None)
+
+
+def test_sources_table() -> None:
+    assert [s.filename for s in dl.sources_for("coco", "val")] == ["annotations_trainval2017.zip", "val2017.zip"]
+    assert [s.filename for s in dl.sources_for("coco-panoptic", "all")] == [
+        "panoptic_annotations_trainval2017.zip",
+        "train2017.zip",
+        "val2017.zip",
+    ]
+    assert {s.filename for s in dl.sources_for("vg")} >= {
+        "images.zip",
+        "images2.zip",
+        "objects.json.zip",
+        "object_synsets.json.zip",
+    }
+    for s in dl.SOURCES.values():
+        assert s.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", s.sha256)
+        assert s.size > 0
+    with pytest.raises(LaviseError, match="unknown split"):
+        dl.sources_for("coco", "test")
+
+
+# ----------------------------------------------------------------------------------------------
+# extract
+# ----------------------------------------------------------------------------------------------
+def _assert_nothing_written(tmp_path: Path, target: Path) -> None:
+    assert not (tmp_path / "evil").exists() and not (tmp_path.parent / "evil").exists()
+    assert not target.exists() or list(target.iterdir()) == []
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".extract-")] == []
+
+
+@pytest.mark.parametrize("member", ["../evil", "ok/../../evil", "/tmp/evil-abs"])
+def test_zip_with_escaping_member_is_refused(tmp_path: Path, member: str) -> None:
+    archive = tmp_path / "bad.zip"
+    archive.write_bytes(zip_bytes({"good.txt": b"fine", member: b"pwned"}))
+    target = tmp_path / "out" / "target"
+    with pytest.raises(DataError, match="refusing to extract bad.zip"):
+        dl.extract(archive, target)
+    _assert_nothing_written(tmp_path, target)
+    assert not Path("/tmp/evil-abs").exists()
+
+
+def test_zip_with_symlink_outside_is_refused(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        link = zipfile.ZipInfo("data/link")
+        link.external_attr = (0o120777 << 16) | 0x20
+        zf.writestr(link, "../../outside")
+        zf.writestr("data/ok.txt", b"fine")
+    archive = tmp_path / "link.zip"
+    archive.write_bytes(buf.getvalue())
+    target = tmp_path / "out" / "target"
+    with pytest.raises(DataError, match="link 'data/link' points outside"):
+        dl.extract(archive, target)
+    _assert_nothing_written(tmp_path, target)
+
+
+@pytest.mark.parametrize(
+    "evil",
+    [
+        ("../evil", b"pwned"),
+        tar_link("link", "../evil"),
+        tar_link("abs", "/etc/passwd"),
+        tar_link("hard", "../evil", tarfile.LNKTYPE),
+    ],
+    ids=["dotdot", "symlink-out", "symlink-abs", "hardlink-out"],
+)
+def test_tar_gz_with_escaping_member_is_refused(tmp_path: Path, evil: Any) -> None:
+    archive = tar_gz(tmp_path / "bad.tar.gz", [("good.txt", b"fine"), evil])
+    target = tmp_path / "out" / "target"
+    with pytest.raises(DataError, match="refusing to extract bad.tar.gz"):
+        dl.extract(archive, target)
+    _assert_nothing_written(tmp_path, target)
+
+
+def test_symlink_chain_escaping_is_refused(tmp_path: Path) -> None:
+    # d/l -> .. (the root: inside), then a -> d/l/.. (lexically inside, really the parent).
+    archive = tar_gz(tmp_path / "chain.tar.gz", [tar_link("d/l", ".."), tar_link("a", "d/l/.."), ("a/evil", b"x")])
+    target = tmp_path / "out" / "target"
+    with pytest.raises(DataError, match="refusing"):
+        dl.extract(archive, target)
+    _assert_nothing_written(tmp_path, target)
+
+
+def test_normal_archives_extract(tmp_path: Path) -> None:
+    members = {"val2017/a.jpg": b"A" * 1000, "val2017/b.jpg": b"B" * 10, "annotations/x.json": b"{}"}
+    zpath = tmp_path / "ok.zip"
+    zpath.write_bytes(zip_bytes(members))
+    target = tmp_path / "data"
+    written = dl.extract(zpath, target)
+    assert sorted(p.relative_to(target).as_posix() for p in written) == sorted(members)
+    for name, data in members.items():
+        assert (target / name).read_bytes() == data
+
+    # A tar.gz merges into the same target; an inside symlink is fine.
+    tpath = tar_gz(
+        tmp_path / "ok.tar.gz",
+        [("train2017/c.jpg", b"C" * 5), ("annotations/y.json", b"[]"), tar_link("annotations/z.json", "y.json")],
+    )
+    dl.extract(tpath, target)
+    assert (target / "train2017" / "c.jpg").read_bytes() == b"C" * 5
+    assert (target / "annotations" / "x.json").read_bytes() == b"{}"  # kept by the merge
+    assert (target / "annotations" / "z.json").read_text() == "[]"
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".extract-")] == []
+
+
+def test_damaged_archive_leaves_nothing(tmp_path: Path) -> None:
+    good = zip_bytes({"a/one.bin": payload(20_000), "a/two.bin": payload(30_000)})
+    bad = bytearray(good)
+    i = good.index(b"a/two.bin") + 40  # inside the second member's compressed data
+    bad[i : i + 8] = b"\x00" * 8
+    archive = tmp_path / "bad.zip"
+    archive.write_bytes(bytes(bad))
+    target = tmp_path / "t"
+    with pytest.raises(DataError, match="damaged"):
+        dl.extract(archive, target)
+    assert not target.exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".extract-")] == []
+
+
+# ----------------------------------------------------------------------------------------------
+# register_coco / register_vg
+# ----------------------------------------------------------------------------------------------
+def test_register_coco_generated(store: Store, tmp_path: Path) -> None:
+    root = make_coco(tmp_path / "coco")
+    entry = dl.register_coco(store, root, "mini")
+    s = entry.manifest["settings"]
+    assert s == {
+        "format": "coco",
+        "root": str(root.resolve()),
+        "splits": {
+            sp: {
+                "annotations": str(root / "annotations" / f"instances_{sp}2017.json"),
+                "images": str(root / f"{sp}2017"),
+                "num_images": 2,
+            }
+            for sp in ("train", "val")
+        },
+    }
+    assert entry.manifest["inputs"] == {
+        f"{sp}.annotations": sha((root / "annotations" / f"instances_{sp}2017.json").read_bytes())
+        for sp in ("train", "val")
+    }
+    assert entry.kind == "datasets" and store.exists("datasets", "mini")
+    assert sorted(p.name for p in entry.path.iterdir()) == ["manifest.json"]  # nothing copied
+    only_val = dl.register_coco(store, root, "mini-val", splits=["val"])
+    assert list(only_val.manifest["settings"]["splits"]) == ["val"]
+
+
+def test_register_coco_one_split_missing_is_fine(store: Store, tmp_path: Path) -> None:
+    root = make_coco(tmp_path / "coco", splits=("val",))
+    entry = dl.register_coco(store, root)
+    assert list(entry.manifest["settings"]["splits"]) == ["val"] and entry.name == "coco"
+
+
+def test_register_coco_bad_layouts(store: Store, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"annotations/instances_\{train,val\}2017.json"):
+        dl.register_coco(store, empty)
+    with pytest.raises(DataError, match="is not a folder"):
+        dl.register_coco(store, tmp_path / "nope")
+    no_images = make_coco(tmp_path / "noimg", splits=("val",), images=False)
+    with pytest.raises(DataError, match=r"images folder val2017/ is missing"):
+        dl.register_coco(store, no_images)
+    broken = make_coco(tmp_path / "broken", splits=("val",))
+    (broken / "annotations" / "instances_val2017.json").write_text('{"images": [')
+    with pytest.raises(DataError, match="not valid JSON"):
+        dl.register_coco(store, broken)
+    (broken / "annotations" / "instances_val2017.json").write_text('{"images": []}')
+    with pytest.raises(DataError, match="'annotations', 'categories'"):
+        dl.register_coco(store, broken)
+    with pytest.raises(DataError, match="split 'train' asked for"):
+        dl.register_coco(store, make_coco(tmp_path / "v", splits=("val",)), splits=["train"])
+    with pytest.raises(LaviseError, match="invalid entry name"):
+        dl.register_coco(store, make_coco(tmp_path / "w"), "../x")
+    assert store.list("datasets") == []
+
+
+def test_register_coco_panoptic_generated(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "pan"
+    (root / "annotations" / "panoptic_val2017").mkdir(parents=True)
+    (root / "annotations" / "panoptic_val2017.json").write_text(json.dumps(panoptic_json(["a.jpg"])))
+    with pytest.raises(DataError, match="holds no PNG"):
+        dl.register_coco(store, root, panoptic=True)
+    (root / "annotations" / "panoptic_val2017" / "a.png").write_bytes(png())
+    with pytest.raises(DataError, match="images folder val2017/ is missing"):
+        dl.register_coco(store, root, panoptic=True)
+    (root / "val2017").mkdir()
+    (root / "val2017" / "a.jpg").write_bytes(jpeg())
+    entry = dl.register_coco(store, root, "pan", panoptic=True)
+    assert entry.manifest["settings"]["splits"]["val"] == {
+        "annotations": str(root / "annotations" / "panoptic_val2017.json"),
+        "images": str(root / "val2017"),
+        "masks": str(root / "annotations" / "panoptic_val2017"),
+        "num_images": 1,
+    }
+    assert entry.manifest["settings"]["format"] == "coco-panoptic"
+
+
+@pytest.mark.skipif(not (SHARED / "coco_tiny").is_dir(), reason="shared/data/coco_tiny is absent")
+def test_register_real_coco_tiny(store: Store) -> None:
+    entry = dl.register_coco(store, SHARED / "coco_tiny", "coco-tiny")
+    splits = entry.manifest["settings"]["splits"]
+    assert {k: v["num_images"] for k, v in splits.items()} == {"train": 80, "val": 80}
+
+
+@pytest.mark.skipif(not (SHARED / "coco128_panoptic").is_dir(), reason="shared/data/coco128_panoptic is absent")
+def test_register_real_coco128_panoptic(store: Store) -> None:
+    entry = dl.register_coco(store, SHARED / "coco128_panoptic", "coco128", panoptic=True)
+    splits = entry.manifest["settings"]["splits"]
+    assert {k: v["num_images"] for k, v in splits.items()} == {"train": 100, "val": 100}
+    assert all(Path(v["masks"]).is_dir() for v in splits.values())
+    with pytest.raises(DataError, match="no COCO instances annotations"):
+        dl.register_coco(store, SHARED / "coco128_panoptic")
+
+
+def test_register_vg(store: Store, tmp_path: Path) -> None:
+    root = tmp_path / "vg"
+    with pytest.raises(DataError, match="is not a folder"):
+        dl.register_vg(store, root)
+    (root / "VG_100K").mkdir(parents=True)
+    with pytest.raises(DataError, match="objects.json"):
+        dl.register_vg(store, root)
+    (root / "objects.json").write_text(json.dumps([{"image_id": 1, "objects": []}]))
+    (root / "VG_100K" / "1.jpg").write_bytes(jpeg())
+    (root / "VG_100K" / "2.jpg").write_bytes(jpeg())
+    entry = dl.register_vg(store, root)
+    block = entry.manifest["settings"]["splits"]["train"]
+    assert entry.manifest["settings"]["format"] == "vg" and block["num_images"] == 2
+    assert block["images"] == str(root / "VG_100K") and "train.annotations" in entry.manifest["inputs"]
+
+
+# ----------------------------------------------------------------------------------------------
+# download_dataset through a mirror
+# ----------------------------------------------------------------------------------------------
+def serve_sources(server: FixtureServer, monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes]) -> None:
+    """Serve ``files`` as the mirror and make SOURCES expect exactly those bytes."""
+    monkeypatch.setenv(dl.MIRROR_ENV, server.base)
+    table = dict(dl.SOURCES)
+    for key, src in dl.SOURCES.items():
+        if src.filename in files:
+            data = files[src.filename]
+            server.serve(src.filename, data)
+            table[key] = dataclasses.replace(src, size=len(data), exact=True, sha256=sha(data))
+    monkeypatch.setattr(dl, "SOURCES", table)
+
+
+def coco_archives() -> dict[str, bytes]:
+    names = ["000000000001.jpg", "000000000002.jpg"]
+    ann = zip_bytes(
+        {
+            "annotations/instances_val2017.json": json.dumps(instances_json(names)).encode(),
+            "annotations/instances_train2017.json": json.dumps(instances_json(["t.jpg"])).encode(),
+        }
+    )
+    val = zip_bytes({f"val2017/{n}": jpeg() for n in names})
+    return {"annotations_trainval2017.zip": ann, "val2017.zip": val}
+
+
+def test_download_coco_val_via_mirror(server: FixtureServer, monkeypatch: pytest.MonkeyPatch, store: Store) -> None:
+    files = coco_archives()
+    serve_sources(server, monkeypatch, files)
+    server.cut_after["/val2017.zip"] = len(files["val2017.zip"]) // 2
+    said: list[str] = []
+    with pytest.raises(DataError, match="resume"):
+        dl.download_dataset(store, "coco", split="val", name="c", announce=said.append)
+    assert "2 files" not in said[0] and "annotations_trainval2017.zip" in said[0]
+    assert not store.exists("datasets", "c")
+
+    entry = dl.download_dataset(store, "coco", split="val", name="c", announce=said.append)
+    assert [r["path"] for r in server.requests] == ["/annotations_trainval2017.zip", "/val2017.zip", "/val2017.zip"]
+    assert "Range" in server.requests[-1]["headers"]
+    s = entry.manifest["settings"]
+    data = store.root / "downloads" / "c" / "data"
+    assert s["format"] == "coco" and list(s["splits"]) == ["val"] and s["root"] == str(data)
+    assert s["splits"]["val"]["num_images"] == 2 and len(list((data / "val2017").iterdir())) == 2
+    assert {d["file"]: d["sha256"] for d in entry.manifest["downloads"]} == {k: sha(v) for k, v in files.items()}
+    assert not (store.root / "downloads" / "c" / "val2017.zip").exists()  # deleted once unpacked
+
+    # Everything is there: a second run downloads nothing and keeps the entry.
+    n = len(server.requests)
+    again = dl.download_dataset(store, "coco", split="val", name="c", announce=said.append)
+    assert len(server.requests) == n and "downloaded already" in said[-2]
+    assert again.manifest["inputs"] == entry.manifest["inputs"]
+
+
+def test_download_coco_panoptic_unpacks_inner_png_zip(
+    server: FixtureServer, monkeypatch: pytest.MonkeyPatch, store: Store
+) -> None:
+    inner = zip_bytes({"panoptic_val2017/000000000001.png": png()})
+    outer = zip_bytes(
+        {
+            "annotations/panoptic_val2017.json": json.dumps(panoptic_json(["000000000001.jpg"])).encode(),
+            "annotations/panoptic_val2017.zip": inner,
+        }
+    )
+    val = zip_bytes({"val2017/000000000001.jpg": jpeg()})
+    serve_sources(server, monkeypatch, {"panoptic_annotations_trainval2017.zip": outer, "val2017.zip": val})
+    entry = dl.download_dataset(store, "coco-panoptic", split="val")
+    block = entry.manifest["settings"]["splits"]["val"]
+    assert entry.name == "coco-panoptic" and Path(block["masks"], "000000000001.png").is_file()
+    assert not Path(block["masks"]).with_suffix(".zip").exists()
+
+
+def test_download_with_wrong_checksum_registers_nothing(
+    server: FixtureServer, monkeypatch: pytest.MonkeyPatch, store: Store
+) -> None:
+    files = coco_archives()
+    serve_sources(server, monkeypatch, files)
+    table = dict(dl.SOURCES)
+    table["coco-val-images"] = dataclasses.replace(table["coco-val-images"], sha256="1" * 64)
+    monkeypatch.setattr(dl, "SOURCES", table)
+    with pytest.raises(DataError, match="checksum mismatch for val2017.zip"):
+        dl.download_dataset(store, "coco", split="val")
+    d = store.root / "downloads" / "coco"
+    assert not (d / "val2017.zip").exists() and not dl.part_path(d / "val2017.zip").exists()
+    assert not store.exists("datasets", "coco")
+
+
+def test_download_glove_via_mirror(server: FixtureServer, monkeypatch: pytest.MonkeyPatch, store: Store) -> None:
+    embeddings = pytest.importorskip("lavise_cli.embeddings")
+    assert hasattr(embeddings, "register_embedding")
+    import gzip
+
+    text = "3 4\ndog 0.1 0.2 0.3 0.4\ncat 0.2 0.1 0.0 0.3\ncar -0.1 0.5 0.2 0.1\n"
+    data = gzip.compress(text.encode())
+    monkeypatch.setenv(dl.MIRROR_ENV, server.base)
+    server.serve("glove-tiny-test.gz", data)
+    entry = dl.download_glove(store, "glove-tiny-test", name="tiny")
+    assert entry.kind == "embeddings" and entry.name == "tiny"
+    assert (store.root / "downloads" / "embeddings" / "glove-tiny-test.gz").read_bytes() == data
+
+
+def test_download_weights_unknown_model_suggests_names() -> None:
+    pytest.importorskip("torchvision")
+    with pytest.raises(LaviseError, match="did you mean: .*resnet18"):
+        dl.download_weights("resnet19")
+    with pytest.raises(LaviseError, match="choose one of: DEFAULT, IMAGENET1K_V1"):
+        dl.download_weights("resnet18", "IMAGENET9K")
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def cli() -> Any:
+    from typer.testing import CliRunner
+
+    import lavise_cli.cli.download_cmd  # noqa: F401  (registers `download`)
+    from lavise_cli.cli.app import app
+
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, list(args))
+
+
+def test_cli_help_has_examples(cli: Any) -> None:
+    for sub in ([], ["coco"], ["coco-panoptic"], ["vg"], ["glove"], ["weights"]):
+        result = cli("download", *sub, "--help")
+        assert result.exit_code == 0, result.output
+        assert "Example:" in result.output
+
+
+def test_cli_coco_from_dir(cli: Any, tmp_path: Path) -> None:
+    root = make_coco(tmp_path / "coco")
+    home = tmp_path / "home"
+    result = cli("--home", str(home), "download", "coco", "--from", str(root), "--name", "coco-tiny", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["name"] == "coco-tiny" and doc["kind"] == "datasets"
+    assert doc["settings"]["format"] == "coco" and set(doc["settings"]["splits"]) == {"train", "val"}
+    assert Store(home).exists("datasets", "coco-tiny")
+
+    result = cli("--home", str(home), "download", "coco", "--from", str(root), "--split", "val", "--name", "v")
+    assert result.exit_code == 0 and "registered dataset v" in result.stdout
+
+
+@pytest.mark.skipif(not (SHARED / "coco_tiny").is_dir(), reason="shared/data/coco_tiny is absent")
+def test_cli_coco_from_real_data(cli: Any, tmp_path: Path) -> None:
+    result = cli(
+        "--home",
+        str(tmp_path),
+        "download",
+        "coco",
+        "--from",
+        str(SHARED / "coco_tiny"),
+        "--name",
+        "coco-tiny",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["settings"]["splits"]["val"]["num_images"] == 80
+
+
+def test_cli_errors_are_one_line(cli: Any, tmp_path: Path) -> None:
+    result = cli("--home", str(tmp_path), "download", "coco", "--from", str(tmp_path / "missing"))
+    assert result.exit_code == DataError.exit_code
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.output
+    result = cli("--home", str(tmp_path), "download", "coco-panoptic", "--from", str(make_coco(tmp_path / "c")))
+    assert result.exit_code == DataError.exit_code and "no COCO panoptic annotations" in result.stderr
+    result = cli("--home", str(tmp_path), "download", "coco", "--split", "test")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+
+
+def test_cli_download_coco_val_via_mirror(
+    cli: Any, server: FixtureServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    serve_sources(server, monkeypatch, coco_archives())
+    result = cli("--home", str(tmp_path), "download", "coco", "--split", "val", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["name"] == "coco" and list(doc["settings"]["splits"]) == ["val"]
+    assert "to download" in result.stderr
+    assert {r["path"] for r in server.requests} == {"/annotations_trainval2017.zip", "/val2017.zip"}
+
+
+def test_cli_glove_from_file(cli: Any, tmp_path: Path) -> None:
+    pytest.importorskip("lavise_cli.embeddings")
+    vectors = tmp_path / "tiny.glove.txt"
+    vectors.write_text("dog 0.1 0.2 0.3\ncat 0.2 0.1 0.0\ncar -0.1 0.5 0.2\n")
+    result = cli("--home", str(tmp_path / "home"), "download", "glove", "--from", str(vectors), "--name", "g", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["kind"] == "embeddings" and doc["name"] == "g"
+    result = cli("--home", str(tmp_path / "home"), "download", "glove", "--from", str(tmp_path / "none.txt"))
+    assert result.exit_code == DataError.exit_code and "Traceback" not in result.output
