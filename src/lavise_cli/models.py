@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib
@@ -95,7 +96,9 @@ def _load_factory(spec: str) -> tuple[nn.Module, dict[str, Any]]:
     if fn is None or not callable(fn):
         raise LaviseError(f"{target!r} has no callable {attr!r} (factory {spec!r})")
     try:
-        result = fn()
+        # A factory that prints must not corrupt `--json` on stdout.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = fn()
     except Exception as e:
         raise LaviseError(f"factory {spec!r} failed: {type(e).__name__}: {e}") from None
     pre: dict[str, Any] = {}

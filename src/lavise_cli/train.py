@@ -144,48 +144,76 @@ def train_explainer(
     task = progress.add_task("training explainer", total=settings.epochs, completed=start, unit="epoch") \
         if progress is not None else None
     bs = settings.batch_size
-    for epoch in range(start, settings.epochs):
-        if bad >= settings.patience:
-            break
-        model.train()
-        order = tr_idx[torch.randperm(len(tr_idx), generator=gen)]
-        total, count = 0.0, 0
-        for s in range(0, len(order), bs):
-            b = order[s:s + bs]
-            if len(b) < 2:  # BatchNorm needs two samples in training mode
-                continue
-            loss = hinge_rank_loss(model(z[b]), t[b], cv, settings.margin)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(b)
-            count += len(b)
-        train_loss = total / max(count, 1)
-        val_loss = evaluate_loss(model, z[va_idx], t[va_idx], cv, settings.margin) if len(va_idx) else train_loss
-        losses.append({"epoch": epoch + 1, "train": train_loss, "val": val_loss})
-        if val_loss < best_val - 1e-6:
-            best_val, best_epoch, bad = val_loss, epoch + 1, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-        if checkpoint is not None:
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save({
-                "model": model.state_dict(), "opt": opt.state_dict(), "best_state": best_state,
-                "losses": torch.tensor([[r["epoch"], r["train"], r["val"]] for r in losses], dtype=torch.float64),
-                "best_val": torch.tensor(best_val), "best_epoch": torch.tensor(best_epoch),
-                "epoch": torch.tensor(epoch + 1), "bad": torch.tensor(bad),
-                "rng": torch.get_rng_state(), "gen": gen.get_state(),
-            }, tmp)
-            tmp.replace(checkpoint)
-        if task is not None:
-            progress.update(task, completed=epoch + 1,
-                            description=f"training explainer (val {val_loss:.3f}, best {best_val:.3f} @ {best_epoch})")
-        if on_epoch is not None:
-            on_epoch(epoch + 1)
+    last_save = time.perf_counter()
+    snapshot: dict[str, Any] | None = None
+    try:
+        for epoch in range(start, settings.epochs):
+            if bad >= settings.patience:
+                break
+            model.train()
+            order = tr_idx[torch.randperm(len(tr_idx), generator=gen)]
+            total, count = 0.0, 0
+            for s in range(0, len(order), bs):
+                b = order[s:s + bs]
+                if len(b) < 2:  # BatchNorm needs two samples in training mode
+                    continue
+                loss = hinge_rank_loss(model(z[b]), t[b], cv, settings.margin)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(b)
+                count += len(b)
+            train_loss = total / max(count, 1)
+            val_loss = evaluate_loss(model, z[va_idx], t[va_idx], cv, settings.margin) if len(va_idx) else train_loss
+            losses.append({"epoch": epoch + 1, "train": train_loss, "val": val_loss})
+            if val_loss < best_val - 1e-6:
+                best_val, best_epoch, bad = val_loss, epoch + 1, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad += 1
+            snapshot = _snapshot(model, opt, best_state, losses, best_val, best_epoch, epoch + 1, bad, gen)
+            if checkpoint is not None and (time.perf_counter() - last_save > CHECKPOINT_SECONDS or epoch + 1 == settings.epochs):
+                _save_checkpoint(checkpoint, snapshot)
+                last_save = time.perf_counter()
+            if task is not None:
+                progress.update(task, completed=epoch + 1,
+                                description=f"training explainer (val {val_loss:.3f}, best {best_val:.3f} @ {best_epoch})")
+            if on_epoch is not None:
+                on_epoch(epoch + 1)
+    except KeyboardInterrupt:
+        # Keep the last completed epoch, so that `--resume` continues exactly from there.
+        if checkpoint is not None and snapshot is not None:
+            _save_checkpoint(checkpoint, snapshot)
+        raise
     model.load_state_dict(best_state)
     model.eval()
     return model.cpu(), losses, best_epoch
+
+
+CHECKPOINT_SECONDS = 10.0
+
+
+def _snapshot(model: Explainer, opt: torch.optim.Optimizer, best_state: dict[str, torch.Tensor],
+              losses: list[dict[str, float]], best_val: float, best_epoch: int, epoch: int, bad: int,
+              gen: torch.Generator) -> dict[str, Any]:
+    """Everything needed to continue after ``epoch`` bit for bit (copied, so later steps don't change it)."""
+    import copy
+
+    return {
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "opt": copy.deepcopy(opt.state_dict()),
+        "best_state": best_state,
+        "losses": torch.tensor([[r["epoch"], r["train"], r["val"]] for r in losses], dtype=torch.float64),
+        "best_val": torch.tensor(best_val), "best_epoch": torch.tensor(best_epoch),
+        "epoch": torch.tensor(epoch), "bad": torch.tensor(bad),
+        "rng": torch.get_rng_state(), "gen": gen.get_state(),
+    }
+
+
+def _save_checkpoint(path: Path, snapshot: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(snapshot, tmp)
+    tmp.replace(path)
 
 
 @torch.no_grad()

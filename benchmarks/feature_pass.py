@@ -1,0 +1,104 @@
+"""Images/s of lavise's feature pass against a bare ``model(x)`` loop, in the same process.
+
+The feature pass (``lavise_cli.features.reference_features``) decodes every image of a split,
+decodes and transforms its masks, runs the backbone to the layer and mask-pools every
+(image, concept) pair, writing fp16 shards to the store.  The bare loop runs ``model(x)`` under
+``torch.inference_mode`` over the very same input tensors, decoded beforehand, in the same
+batches.  Issue 3 asks for a ratio of at least 0.8.
+
+    python benchmarks/feature_pass.py                # 256 synthetic 640x480 JPEGs, ~3 masks each
+    python benchmarks/feature_pass.py --images 512 --batch-size 32 --workers 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import Timer, bare_forward, decoded_batches, environment, synthetic_dataset, table, temp_store  # noqa: E402
+
+from lavise_cli.features import reference_features  # noqa: E402
+from lavise_cli.models import load_model  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=256, help="generated images in the timed split (default 256)")
+    ap.add_argument("--warmup-images", type=int, default=64, help="images in the separate warm-up split (default 64)")
+    ap.add_argument("--width", type=int, default=640, help="generated image width (default 640)")
+    ap.add_argument("--height", type=int, default=480, help="generated image height (default 480)")
+    ap.add_argument("--masks", type=int, default=3, help="masks per image, +-1 (default 3)")
+    ap.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="DataLoader workers of the feature pass (default: lavise's own choice, 0 on <= 2 cores)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed repetitions of each side; the best is reported (default 2)")
+    ap.add_argument("--model", default="resnet18", help="torchvision model (default resnet18, random seeded weights)")
+    ap.add_argument("--layer", default="layer4", help="layer (default layer4)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary store")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(environment())
+    with temp_store(args.keep) as (tmp, store):
+        data = synthetic_dataset(tmp, store, splits={"train": args.images, "val": args.warmup_images},
+                                 width=args.width, height=args.height, masks_per_image=args.masks)
+        print(f"data: {data.describe()}, {args.width}x{args.height} JPEG, generated in {data.seconds:.1f} s")
+        split, warm = data.index.splits["train"], data.index.splits["val"]
+        model = load_model(args.model, "none")
+        bare_model = load_model(args.model, "none")  # the same seeded weights, untouched by lavise
+        pre = model.preprocess
+        paths = [split.image_path(i) for i in range(len(split.images)) if len(split.image_pairs(i))]
+        pairs = len(split.pair_image)
+
+        def feature_pass() -> float:
+            with Timer() as t:
+                f = reference_features(store, model, [args.layer], split, data.index.digest,
+                                       batch_size=args.batch_size, workers=args.workers)
+            assert not f[args.layer].hit and len(f[args.layer].z) == pairs
+            store.remove("features", f[args.layer].key)  # the next repetition is a miss again
+            return t.seconds
+
+        # Warm-up: a pass over a different split (another cache key), and a bare forward.
+        with Timer() as tw:
+            reference_features(store, model, [args.layer], warm, data.index.digest, batch_size=args.batch_size,
+                               workers=args.workers)
+        batches = decoded_batches(paths, pre.input_size, pre.mean, pre.std, args.batch_size)
+        bare_model.module.eval()
+        bare_forward(bare_model.module, batches[:2])
+        bare_forward(bare_model.module, batches[:2], channels_last=True)
+        print(f"warm-up: feature pass over {len(warm.images)} images in {tw.seconds:.1f} s; bare forward 2 batches")
+
+        fp, bare, bare_cl = [], [], []
+        for _ in range(args.repeats):
+            fp.append(feature_pass())
+            bare.append(bare_forward(bare_model.module, batches))
+            bare_cl.append(bare_forward(bare_model.module, batches, channels_last=True))
+        n = len(paths)
+        rate_fp, rate_bare, rate_cl = n / min(fp), n / min(bare), n / min(bare_cl)
+        best_bare = max(rate_bare, rate_cl)
+        rows = [
+            ["feature pass (reference_features)", n, args.batch_size, min(fp), rate_fp, rate_fp / best_bare],
+            ["bare model(x), NCHW", n, args.batch_size, min(bare), rate_bare, rate_bare / best_bare],
+            ["bare model(x), channels_last", n, args.batch_size, min(bare_cl), rate_cl, rate_cl / best_bare],
+        ]
+        print()
+        print(table(f"{args.model} {args.layer}, {pre.input_size} px, {pairs} pairs, best of {args.repeats} "
+                    f"(all runs: feature pass {', '.join(f'{s:.2f}' for s in fp)} s; "
+                    f"bare {', '.join(f'{s:.2f}' for s in bare)} s)",
+                    ["", "images", "batch", "seconds", "images/s", "x fastest bare"], rows))
+        print()
+        workers = args.workers if args.workers is not None else "auto"
+        print(f"torch threads: {torch.get_num_threads()}; feature-pass workers: {workers}; "
+              f"median feature pass {statistics.median(fp):.2f} s")
+        print(f"RATIO feature pass / bare forward (fastest layout) = {rate_fp / best_bare:.2f}  (bar: >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()

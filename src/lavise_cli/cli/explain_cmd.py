@@ -1,0 +1,200 @@
+"""`lavise explain` and `lavise evaluate`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import LaviseError
+from ..explain import METHODS, parse_filters
+from ..pipeline import (
+    ALL_METHODS,
+    evaluate_methods,
+    explanation_doc,
+    nan_to_none,
+    netdissect_words,
+    open_session,
+    run_explain,
+    save_result,
+    vocabulary_for,
+)
+from .app import app
+from .common import emit_json, handle_errors, info, out, progress, state
+
+_EXPLAINER = typer.Option(None, "--explainer", "-e", help="Explainer name (default: the latest trained).")
+_DATASET = typer.Option([], "--dataset", help="Labelled target set(s) (default: the explainer's datasets).")
+_SPLIT = typer.Option("val", "--split", help="Split of the target dataset(s).")
+_VOCAB = typer.Option("default", "--vocab", help="default, concepts, raw, or a file with one word/phrase per line.")
+_VOCAB_SIZE = typer.Option(None, "--vocab-size", help="Frequency rank limit of vocabulary words (default 30000).")
+_DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N, mps.")
+_BATCH = typer.Option(32, "--batch-size", help="Images per batch in the target pass.")
+_MODEL = typer.Option(None, "--model", help="Check that the explainer was trained for this model.")
+_LAYER = typer.Option(None, "--layer", help="Check that the explainer was trained for this layer.")
+
+
+@app.command()
+@handle_errors
+def explain(
+    explainer: Optional[str] = _EXPLAINER,
+    filters: Optional[str] = typer.Option(None, "--filters", "-f", help="Filters: 150,275 or ranges 0-63."),
+    all_filters: bool = typer.Option(False, "--all", help="Explain every filter of the layer."),
+    method: str = typer.Option("attention", "--method", "-m", help=f"One of: {', '.join(METHODS)}."),
+    words_per_image: int = typer.Option(5, "--words-per-image", "-s", help="Words per top image."),
+    images_per_filter: int = typer.Option(25, "--images", "-p", help="Top images per filter."),
+    top: int = typer.Option(5, "--top", "-k", help="Words shown per filter."),
+    dataset: List[str] = _DATASET,
+    split: str = _SPLIT,
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="Explain on a folder of plain images instead."),
+    vocab: str = _VOCAB,
+    vocab_size: Optional[int] = _VOCAB_SIZE,
+    model: Optional[str] = _MODEL,
+    layer: Optional[str] = _LAYER,
+    device: str = _DEVICE,
+    batch_size: int = _BATCH,
+    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    csv_out: bool = typer.Option(False, "--csv", help="CSV on stdout: filter, rank, word, images, novel."),
+) -> None:
+    """Explain filters in words: filter attention (default) or a baseline method.
+
+    Examples:
+
+      lavise explain --filters 150,275
+
+      lavise explain --all --json > words.json
+
+      lavise explain -f 0-63 --method original -p 15 -s 5 -k 3
+
+      lavise explain -f 7 --image-dir my_photos/ --vocab my_words.txt
+    """
+    if filters is None and not all_filters:
+        raise LaviseError("say which filters: --filters 150,275 (ranges like 0-63 work) or --all")
+    if method not in METHODS:
+        raise LaviseError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if min(words_per_image, images_per_filter, top) < 1:
+        raise LaviseError("-s, -p and -k must be at least 1")
+    with progress() as prog:
+        ses = open_session(state.store, explainer, datasets=dataset, split=split, images=image_dir, model=model,
+                           layer=layer, device=device, batch_size=batch_size, progress=prog)
+        chosen = parse_filters(filters, ses.cache.shape[0], all_filters)
+        voc = vocabulary_for(ses, vocab, vocab_size)
+        nd = None
+        if method == "netdissect":
+            if not ses.target.labelled:
+                raise LaviseError("netdissect needs a labelled target set (a preprocessed dataset), not --image-dir")
+            nd, voc = netdissect_words(ses, chosen, voc, words_per_image, prog)
+        ex = run_explain(ses, chosen, method, voc, p=images_per_filter, s=words_per_image, k=top, progress=prog,
+                         netdissect_words=nd)
+    doc = explanation_doc(ses, ex)
+    path = save_result(ses, f"explain-{method}", doc, {"target": ses.target.key, "vocab": voc.describe(),
+                                                        "filters": chosen, **ex.settings})
+    doc["saved"] = str(path)
+    if json_out:
+        emit_json(doc)
+        return
+    if csv_out:
+        buf = io.StringIO()
+        wr = csv.writer(buf)
+        wr.writerow(["filter", "rank", "word", "images", "similarity", "novel", "inactive"])
+        for f in doc["filters"]:
+            for r, w in enumerate(f["words"], 1):
+                wr.writerow([f["filter"], r, w["word"], w["images"], w["similarity"], int(w["novel"]), int(f["inactive"])])
+        sys.stdout.write(buf.getvalue())
+        return
+    t = Table(title=f"{ses.entry.name} · {method} · {ses.target.description} ({ses.cache.n} images) · "
+                    f"vocabulary {voc.source} ({len(voc.words)})")
+    t.add_column("filter", justify="right")
+    t.add_column(f"words (images of {ex.settings['p']} naming each; [magenta]*[/] novel)")
+    for f in doc["filters"]:
+        if f["inactive"]:
+            t.add_row(str(f["filter"]), "[dim]inactive (its top 0.5 % never rises above 0)[/]")
+            continue
+        words = ", ".join(f"{'[magenta]' + w['word'] + '*[/]' if w['novel'] else w['word']} ({w['images']})"
+                          for w in f["words"])
+        t.add_row(str(f["filter"]), words)
+    out.print(t)
+    info(f"saved {path}")
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    explainer: Optional[str] = _EXPLAINER,
+    recall: str = typer.Option("5,10,20", "--recall", "-r", help="Cut-offs s for recall@s."),
+    methods: str = typer.Option("attention", "--methods", help=f"Comma list of {', '.join(ALL_METHODS)}, or all."),
+    filters: Optional[str] = typer.Option(None, "--filters", "-f", help="Filters to score (default: all)."),
+    images_per_filter: int = typer.Option(25, "--images", "-p", help="Top images per filter."),
+    dataset: List[str] = _DATASET,
+    split: str = _SPLIT,
+    vocab: str = _VOCAB,
+    vocab_size: Optional[int] = _VOCAB_SIZE,
+    model: Optional[str] = _MODEL,
+    layer: Optional[str] = _LAYER,
+    device: str = _DEVICE,
+    batch_size: int = _BATCH,
+    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+) -> None:
+    """Score explanations against ground-truth concepts: recall@s (LaViSE's objective measure).
+
+    Examples:
+
+      lavise evaluate --recall 5,10,20
+
+      lavise evaluate --methods all --json > recall.json
+
+      lavise evaluate --vocab concepts --methods attention,original,frequency
+    """
+    try:
+        cuts = sorted({int(x) for x in recall.split(",") if x.strip()})
+    except ValueError:
+        raise LaviseError("--recall takes comma-separated whole numbers, e.g. 5,10,20") from None
+    if not cuts or cuts[0] < 1:
+        raise LaviseError("--recall takes positive cut-offs, e.g. 5,10,20")
+    chosen_methods = list(ALL_METHODS) if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    for m in chosen_methods:
+        if m not in ALL_METHODS:
+            raise LaviseError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)} or all")
+    with progress() as prog:
+        ses = open_session(state.store, explainer, datasets=dataset, split=split, model=model, layer=layer,
+                           device=device, batch_size=batch_size, progress=prog)
+        if not ses.target.labelled:
+            raise LaviseError("evaluate needs a labelled target set (a preprocessed dataset)")
+        chosen = parse_filters(filters, ses.cache.shape[0], filters is None)
+        voc = vocabulary_for(ses, vocab, vocab_size)
+        res = evaluate_methods(ses, chosen_methods, voc, cuts=cuts, p=images_per_filter, filters=chosen, progress=prog)
+    res = nan_to_none(res)
+    path = save_result(ses, "evaluate", res, {"target": ses.target.key, "vocab": voc.describe(), "methods": chosen_methods,
+                                              "filters": chosen, "p": images_per_filter, "cuts": cuts})
+    res["saved"] = str(path)
+    if json_out:
+        emit_json({k: v for k, v in res.items() if k != "per_filter"} | {"per_filter_saved": str(path)})
+        return
+    t = Table(title=f"recall@s · {ses.entry.name} on {ses.target.description} ({ses.cache.n} images) · "
+                    f"vocabulary {voc.source} ({len(voc.words)})")
+    t.add_column("method", no_wrap=True)
+    for s in cuts:
+        t.add_column(f"R@{s}", justify="right", no_wrap=True)
+    t.add_column("filters/pairs/skipped", justify="right", no_wrap=True)
+    t.caption = "R@s cells: mean over (filter, image) pairs / mean over filters"
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    rows = []
+    for m, r in res["methods"].items():
+        rows.append((m, r))
+        for sub in ("seen", "unseen"):
+            if sub in r:
+                rows.append((f"  {m} ({sub} concepts)", r[sub]))
+    for m, r in rows:
+        cells = []
+        for s in cuts:
+            cells.append(f"{fmt(r[f'recall@{s}']['pair_mean'])}/{fmt(r[f'recall@{s}']['filter_mean'])}")
+        t.add_row(m, *cells, f"{r['filters']}/{r['pairs']}/{r['skipped']}")
+    out.print(t)
+    info(f"pairs with no ground-truth concept (IoU > 0.04) are skipped; saved {path}")

@@ -1,0 +1,228 @@
+"""`lavise heatmap` and `lavise report`: what each filter sees, in pictures beside its words."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import LaviseError
+from ..explain import METHODS, parse_filters
+from ..pipeline import (
+    Session,
+    evaluate_methods,
+    explanation_doc,
+    nan_to_none,
+    netdissect_words,
+    open_explainer,
+    open_session,
+    run_explain,
+    save_result,
+    vocabulary_for,
+)
+from ..store import stable_digest
+from ..visualize import build_report, files_dir_for, heatmap_paths
+from .app import app
+from .common import emit_json, handle_errors, info, out, progress, state
+
+_EXPLAINER = typer.Option(None, "--explainer", "-e", help="Explainer name (default: the latest trained).")
+_METHOD = typer.Option("attention", "--method", "-m", help=f"One of: {', '.join(METHODS)}.")
+_P = typer.Option(25, "--explain-images", "-p",
+                  help="Top images the words are gathered over (explain's -p); the pictures show the first of them.")
+_S = typer.Option(5, "--words-per-image", "-s", help="Words per top image (explain's -s).")
+_K = typer.Option(5, "--top", "-k", help="Words shown per filter (explain's -k).")
+_DATASET = typer.Option([], "--dataset", help="Labelled target set(s) (default: the explainer's datasets).")
+_SPLIT = typer.Option("val", "--split", help="Split of the target dataset(s).")
+_IMAGE_DIR = typer.Option(None, "--image-dir", help="Use a folder of plain images as the target set instead.")
+_VOCAB = typer.Option("default", "--vocab", help="default, concepts, raw, or a file with one word/phrase per line.")
+_VOCAB_SIZE = typer.Option(None, "--vocab-size", help="Frequency rank limit of vocabulary words (default 30000).")
+_DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N, mps.")
+_BATCH = typer.Option(32, "--batch-size", help="Images per batch in the target pass.")
+
+
+def _explain(explainer: Optional[str], filters: Optional[str], all_filters: bool, method: str, p: int, s: int, k: int,
+             dataset: List[str], split: str, image_dir: Optional[Path], vocab: str, vocab_size: Optional[int],
+             device: str, batch_size: int, prog: Any) -> tuple[Session, dict[str, Any], dict[str, Any], list[int]]:
+    """Exactly what `lavise explain` does for the same settings: session, explanation doc, result key."""
+    if method not in METHODS:
+        raise LaviseError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if min(p, s, k) < 1:
+        raise LaviseError("-p, -s and -k must be at least 1")
+    # Check the filters against the explainer before the (possibly long) target pass.
+    _, ex = open_explainer(state.store, explainer)
+    parse_filters(filters, int(ex.meta["d"]), all_filters)
+    ses = open_session(state.store, explainer, datasets=dataset, split=split, images=image_dir, device=device,
+                       batch_size=batch_size, progress=prog)
+    chosen = parse_filters(filters, ses.cache.shape[0], all_filters)
+    voc = vocabulary_for(ses, vocab, vocab_size)
+    nd = None
+    if method == "netdissect":
+        if not ses.target.labelled:
+            raise LaviseError("netdissect needs a labelled target set (a preprocessed dataset), not --image-dir")
+        nd, voc = netdissect_words(ses, chosen, voc, s, prog)
+    ex_ = run_explain(ses, chosen, method, voc, p=p, s=s, k=k, progress=prog, netdissect_words=nd)
+    doc = explanation_doc(ses, ex_)
+    key = {"target": ses.target.key, "vocab": voc.describe(), "filters": chosen, **ex_.settings}
+    # The same result file `lavise explain` writes for these settings: the words behind the pictures.
+    doc["saved"] = str(save_result(ses, f"explain-{method}", doc, key))
+    return ses, doc, key, chosen
+
+
+@app.command()
+@handle_errors
+def heatmap(
+    explainer: Optional[str] = _EXPLAINER,
+    filters: Optional[str] = typer.Option(None, "--filters", "-f", help="Filters: 150,275 or ranges 0-63."),
+    all_filters: bool = typer.Option(False, "--all", help="One picture for every filter of the layer."),
+    method: str = _METHOD,
+    images: int = typer.Option(5, "--images", "-n", help="Top images shown per filter."),
+    columns: Optional[int] = typer.Option(None, "--columns", help="Images per row (default: up to 5)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the PNGs (default: in the store)."),
+    explain_images: int = _P,
+    words_per_image: int = _S,
+    top: int = _K,
+    dataset: List[str] = _DATASET,
+    split: str = _SPLIT,
+    image_dir: Optional[Path] = _IMAGE_DIR,
+    vocab: str = _VOCAB,
+    vocab_size: Optional[int] = _VOCAB_SIZE,
+    device: str = _DEVICE,
+    batch_size: int = _BATCH,
+    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout: PNG paths with the words."),
+) -> None:
+    """Draw each filter's top images with its region highlighted, under the filter's words (one PNG each).
+
+    The region is the one `evaluate` scores: the filter's map upsampled bilinearly to the input
+    size, at least its threshold T (0.995 quantile); the rest of the image is dimmed and the
+    region outlined in yellow. The images are the first of `explain`'s top images for the same
+    settings, so a picture always matches its words.
+
+    Examples:
+
+      lavise heatmap --filters 150,275
+
+      lavise heatmap -f 0-15 -n 10 --out pictures/
+
+      lavise heatmap -f 7 --method original --json
+
+      lavise heatmap -f 3 --image-dir my_photos/ --vocab my_words.txt
+    """
+    if filters is None and not all_filters:
+        raise LaviseError("say which filters: --filters 150,275 (ranges like 0-63 work) or --all")
+    if images < 1:
+        raise LaviseError("--images must be at least 1")
+    if columns is not None and columns < 1:
+        raise LaviseError("--columns must be at least 1")
+    t0 = time.perf_counter()
+    with progress() as prog:
+        ses, doc, key, _ = _explain(explainer, filters, all_filters, method, max(explain_images, images),
+                                    words_per_image, top, dataset, split, image_dir, vocab, vocab_size, device,
+                                    batch_size, prog)
+        folder = Path(out_dir).expanduser() if out_dir is not None else \
+            ses.results_dir() / "heatmaps" / f"{method}-{stable_digest(key)[:12]}"
+        paths = heatmap_paths(ses, doc, folder, images, cols=columns, progress=prog)
+    if json_out:
+        emit_json({
+            "explainer": doc["explainer"], "model": doc["model"], "layer": doc["layer"], "method": method,
+            "target": doc["target"], "explanation": doc["saved"], "folder": str(folder.resolve()),
+            "heatmaps": [{"filter": f["filter"], "png": str(pth.resolve()), "inactive": f["inactive"],
+                          "words": f["words"],
+                          "images": [t["path"] for t in f["top_images"][:images]]}
+                         for f, pth in zip(doc["filters"], paths)],
+        })
+        return
+    for pth in paths:
+        out.print(str(pth.resolve()), highlight=False, soft_wrap=True)
+    info(f"{len(paths)} heatmap(s) in {time.perf_counter() - t0:.1f} s; words saved in {doc['saved']}")
+
+
+@app.command()
+@handle_errors
+def report(
+    explainer: Optional[str] = _EXPLAINER,
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="The HTML page (default: in the store); "
+                                            "thumbnails go to a folder NAME_files/ beside it."),
+    filters: Optional[str] = typer.Option(None, "--filters", "-f", help="Filters: 0-63, 150,275 (default: all)."),
+    method: str = _METHOD,
+    images: int = typer.Option(15, "--images", "-n", help="Highlighted images per filter (the paper's raters saw 15)."),
+    thumb: int = typer.Option(128, "--thumb", help="Thumbnail size in pixels."),
+    evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate",
+                                  help="Score recall@5/10/20 when the target set is labelled."),
+    explain_images: int = _P,
+    words_per_image: int = _S,
+    top: int = _K,
+    dataset: List[str] = _DATASET,
+    split: str = _SPLIT,
+    image_dir: Optional[Path] = _IMAGE_DIR,
+    vocab: str = _VOCAB,
+    vocab_size: Optional[int] = _VOCAB_SIZE,
+    device: str = _DEVICE,
+    batch_size: int = _BATCH,
+    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+) -> None:
+    """One static HTML page for a whole layer: every filter's words beside its highlighted images.
+
+    At the top the explainer's settings and recall table; then one card per filter (highlighted
+    thumbnails, words with counts, novel words marked, the filter's recall), sortable by filter
+    or recall and filterable by word or minimum recall. The page opens from disk with no network;
+    its "human evaluation" mode adds a 1-5 rating per filter and a CSV download of the ratings.
+
+    Examples:
+
+      lavise report
+
+      lavise report --out layer4.html --filters 0-255
+
+      lavise report --method original --no-evaluate
+
+      lavise report --image-dir my_photos/ --images 10
+    """
+    if images < 1:
+        raise LaviseError("--images must be at least 1")
+    if not 16 <= thumb <= 1024:
+        raise LaviseError("--thumb must be between 16 and 1024 pixels")
+    t0 = time.perf_counter()
+    with progress() as prog:
+        ses, doc, key, chosen = _explain(explainer, filters, filters is None, method, max(explain_images, images),
+                                         words_per_image, top, dataset, split, image_dir, vocab, vocab_size, device,
+                                         batch_size, prog)
+        evaluation = None
+        if evaluate and ses.target.labelled:
+            voc = vocabulary_for(ses, vocab, vocab_size)
+            evaluation = nan_to_none(evaluate_methods(ses, [method], voc, cuts=(5, 10, 20), p=doc["settings"]["p"],
+                                                      filters=chosen, progress=prog))
+        elif evaluate:
+            info("the target set has no labels: the report has no recall (use a preprocessed dataset to get it)")
+        page = Path(out_file).expanduser() if out_file is not None else \
+            ses.results_dir() / f"report-{method}-{stable_digest(key)[:12]}.html"
+        if page.suffix.lower() not in {".html", ".htm"}:
+            page = page.with_suffix(page.suffix + ".html") if page.suffix else page.with_suffix(".html")
+        page = build_report(ses, doc, evaluation, page, n_images=images, thumb=thumb, progress=prog)
+    files = files_dir_for(page)
+    n_thumbs = sum(1 for _ in files.glob("*.jpg"))
+    res: dict[str, Any] = {"report": str(page), "thumbnails": str(files), "images": n_thumbs,
+                           "filters": len(doc["filters"]), "method": method, "explanation": doc["saved"],
+                           "evaluated": evaluation is not None, "seconds": round(time.perf_counter() - t0, 2)}
+    if evaluation is not None:
+        res["recall"] = {k: v for k, v in evaluation["methods"][method].items()}
+    if json_out:
+        emit_json(res)
+        return
+    t = Table(title=f"report · {doc['explainer']} · {method} · {doc['target']}")
+    t.add_column("")
+    t.add_column("value")
+    t.add_row("page", str(page))
+    t.add_row("thumbnails", f"{n_thumbs} in {files}")
+    t.add_row("filters", str(len(doc["filters"])))
+    if evaluation is not None:
+        r = evaluation["methods"][method]
+        t.add_row("recall@5/10/20 (pairs)", " / ".join(
+            "-" if r[f"recall@{c}"]["pair_mean"] is None else f"{r[f'recall@{c}']['pair_mean']:.3f}" for c in (5, 10, 20)))
+    else:
+        t.add_row("recall", "not evaluated")
+    t.add_row("time", f"{res['seconds']:.1f} s")
+    out.print(t)
+    info(f"open it with a browser: file://{page}")
