@@ -1,7 +1,64 @@
 """lavise-cli: explain what the filters of a convolutional network have learned, in words.
 
 An implementation of LaViSE (Yang et al., CVPR 2022).  The command line (``lavise``) is a thin
-shell over the functions re-exported here, so that a notebook can do everything it does.
+shell over the functions re-exported here, so that a notebook can do everything it does::
+
+    from lavise_cli import Store, train, open_session, vocabulary_for, run_explain, evaluate_methods
+
+    store = Store()                                   # or Store("/path/to/home")
+    train(store, "resnet18", ["coco"])                # one cached backbone pass, then the explainer
+    session = open_session(store)                     # latest explainer + its val split, cached
+    vocab = vocabulary_for(session)                   # concepts + shipped visual nouns
+    words = run_explain(session, [150, 275], "attention", vocab, p=25, s=5, k=5).words
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Store": "store",
+    "LaviseError": "errors",
+    "DataError": "errors",
+    "register_embedding": "embeddings",
+    "load_embedding": "embeddings",
+    "build_vocabulary": "embeddings",
+    "register_coco": "download",
+    "register_vg": "download",
+    "download_dataset": "download",
+    "download_glove": "download",
+    "download_weights": "download",
+    "preprocess": "data.index",
+    "load_index": "data.index",
+    "register_instances_file": "data.index",
+    "load_model": "models",
+    "layer_shapes": "models",
+    "default_layer": "models",
+    "reference_features": "features",
+    "train": "train",
+    "TrainSettings": "train",
+    "Explainer": "explainer",
+    "load_explainer": "explainer",
+    "target_pass": "target",
+    "RunningTopK": "target",
+    "open_session": "pipeline",
+    "vocabulary_for": "pipeline",
+    "run_explain": "pipeline",
+    "evaluate_methods": "pipeline",
+    "explanation_doc": "pipeline",
+    "explain_filters": "explain",
+    "parse_filters": "explain",
+    "recall_at": "evaluate",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:  # lazy, so `import lavise_cli` stays cheap
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'lavise_cli' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
