@@ -123,11 +123,6 @@ def test_apply_view_masks_is_exact_cell_coverage() -> None:
     torch.testing.assert_close(out, torch.tensor([[1.0, 0.0], [0.0, 0.25], [0.0, 0.5]]), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (minor): apply_view_masks uses adaptive_avg_pool2d, whose windows overlap when the crop "
-    "size is not a multiple of the grid, so a cell's value is not the fraction of the cell covered "
-    "(a 2x5 mask with only column 2 set gives 1/3 per cell; the cells x in [0, 2.5) and [2.5, 5) "
-    "are each 1/5 covered)"))
 def test_apply_view_masks_exact_coverage_when_cells_split_pixels() -> None:
     m = torch.zeros(1, 2, 5, dtype=torch.uint8)
     m[0, :, 2] = 1

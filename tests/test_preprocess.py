@@ -338,6 +338,18 @@ def test_concept_missing_from_vocabulary_is_unmapped(small_store: Store, make_co
     assert s["splits"]["val"]["pairs_unmapped"] == 1 and s["mapped"] == 6
 
 
+def test_cli_preprocess_any_instances_file_by_path(cli: Any, small_glove: Path, make_coco: Any) -> None:
+    root = make_coco()
+    cli.json("download", "glove", "--from", str(small_glove))
+    ann = root / "annotations" / "instances_val2017.json"
+    doc = cli.json("preprocess", str(ann), "--images", str(root / "val2017"), "--name", "custom")
+    assert doc["dataset"] == "custom" and set(doc["splits"]) == {"val"}
+    assert doc["splits"]["val"]["images"] == 3 and doc["splits"]["val"]["pairs"] == 6
+    assert "custom" in {e["name"] for e in cli.json("store", "--kind", "datasets")["entries"]}
+    result = cli("preprocess", str(ann))  # no --images: one clear line
+    assert result.exit_code != 0 and "--images" in result.stderr and "Traceback" not in result.output
+
+
 # ----------------------------------------------------------------------------------------------
 # The seen / unseen split
 # ----------------------------------------------------------------------------------------------

@@ -342,10 +342,6 @@ def test_preprocess_rebuilds_after_embedding_changed(store: Store, make_coco: An
     assert not s2["cached"] and s2["unmapped"] == ["dog"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: preprocess() (src/lavise_cli/data/index.py) takes the dataset's input digests from the "
-    "registration manifest instead of recomputing them, so an annotation file edited after "
-    "`lavise download coco --from` is silently served from the stale index (cached=True)"))
 def test_preprocess_notices_annotations_changed_in_place(store: Store, make_coco: Any, small_glove: Path) -> None:
     root = make_coco()
     register_coco(store, root, "tiny")

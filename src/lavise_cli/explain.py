@@ -26,21 +26,18 @@ def parse_filters(spec: str | None, d: int, all_filters: bool = False) -> list[i
     if all_filters or spec is None or spec.strip().lower() in {"all", ""}:
         return list(range(d))
     out: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
+    for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
+        lo_text, dash, hi_text = part.partition("-")
         try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1])
-                lo, hi = int(a), int(b)
-                if hi < lo:
-                    raise LaviseError(f"filter range {part!r} runs backwards; write it as {hi}-{lo}")
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
+            lo = int(lo_text)
+            hi = int(hi_text) if dash else lo
         except ValueError:
             raise LaviseError(f"cannot read filter {part!r}: use numbers and ranges, e.g. --filters 0,5,10-20") from None
+        if hi < lo:
+            raise LaviseError(f"filter range {part!r} runs backwards; write it as {hi}-{lo}")
+        out.extend(range(lo, hi + 1))
     bad = [u for u in out if u < 0 or u >= d]
     if bad:
         raise LaviseError(f"filter {bad[0]} is out of range: this layer has {d} filters (0-{d - 1})")

@@ -257,8 +257,10 @@ def layer_shapes(model: nn.Module, input_size: int = 224) -> list[tuple[str, tup
 def default_layer(model: nn.Module, input_size: int = 224) -> str:
     """The last 4-D feature map with a spatial extent before global pooling."""
     best = None
+    pools = {n for n, m in model.named_modules() if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))}
     for name, shape in layer_shapes(model, input_size):
-        if len(shape) == 3 and shape[1] * shape[2] > 1:
+        # VGG/AlexNet pool adaptively to 7x7/6x6 before the classifier: that is pooling, not a feature map.
+        if len(shape) == 3 and shape[1] * shape[2] > 1 and name not in pools:
             best = name
     if best is None:
         raise LaviseError("the model has no 4-D feature map with spatial extent; name one with --layer")

@@ -3,7 +3,8 @@
 Layout (``root`` defaults to platformdirs' user data dir for ``lavise``; caches live under the
 user cache dir, or under ``root/cache`` when ``--home``/``LAVISE_HOME`` is given)::
 
-    root/datasets/<name>/manifest.json     registered reference datasets (plus downloaded files)
+    root/datasets/<name>/manifest.json     registered reference datasets (the data stays where it is)
+    root/downloads/<name>/                 downloaded archives and their extracted data (resumable)
     root/indexes/<name>/manifest.json      preprocessed mask indexes (RLE), one per dataset
     root/embeddings/<name>/manifest.json   word vectors in gensim's native, memory-mappable format
     root/explainers/<name>/manifest.json   trained explainers (safetensors) and their results
@@ -184,6 +185,7 @@ class Store:
     # -- writing -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, kind: str, name: str) -> Iterator[None]:
+        """An exclusive ``fcntl`` lock on one entry name; not re-entrant (``writing`` takes it itself)."""
         lock_dir = self.kind_dir(kind) / ".locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
         with open(lock_dir / f"{name}.lock", "a+") as fh:

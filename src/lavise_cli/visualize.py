@@ -11,8 +11,8 @@ picture always matches its words.
 
 from __future__ import annotations
 
+import contextlib
 import html
-import json
 import os
 import shutil
 import tempfile
@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import quote
 
 import torch
@@ -32,7 +32,7 @@ from .data.images import View, apply_view_image, read_rgb
 from .explain import regions
 from .store import atomic_write_bytes
 
-DIM = 0.3  # pixels outside the region are multiplied by this (toward black)
+DIM = 0.35  # pixels outside the region are multiplied by this (toward black)
 OUTLINE = (255, 214, 0)  # the region's outline: bright yellow
 WIDTH = 2  # outline width in pixels at the model's input resolution
 PAD = 10  # gap between tiles and around the figure
@@ -89,8 +89,8 @@ def highlight(image: torch.Tensor, region: torch.Tensor, *, dim: float = DIM, wi
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [0, 1] ``(3, H, W)`` -> uint8 ``(H, W, 3)`` (rounded), ready for PIL."""
-    return (x.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+    """float [0, 1] ``(3, H, W)`` or ``(B, 3, H, W)`` -> uint8 ``(H, W, 3)`` / ``(B, H, W, 3)``, rounded."""
+    return (x.clamp(0, 1) * 255.0).round().to(torch.uint8).movedim(-3, -1).contiguous()
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
@@ -152,6 +152,7 @@ def draw_lines(draw: ImageDraw.ImageDraw, xy: tuple[int, int], lines: Sequence[S
         x = float(x0)
         for i, (text, colour) in enumerate(line):
             if i:
+                draw.text((x, y), sep, fill=MUTED, font=f)
                 x += sep_w
             draw.text((x, y), text, fill=colour, font=f)
             x += f.getlength(text)
@@ -186,7 +187,7 @@ def heatmap_layout(n: int, size: int, cols: int | None = None) -> HeatmapLayout:
     n = max(1, n)
     cols = max(1, min(cols or 5, n))
     rows = -(-n // cols)
-    title_h = _line_height(font(TITLE_SIZE)) + (TITLE_LINES - 1) * (_line_height(font(FONT_SIZE)) + LINE_GAP) + PAD
+    title_h = TITLE_LINES * (_line_height(font(TITLE_SIZE)) + LINE_GAP) + PAD
     caption_h = CAPTION_LINES * (_line_height(font(FONT_SIZE)) + LINE_GAP) + PAD // 2
     width = cols * size + (cols + 1) * PAD
     height = PAD + title_h + rows * (size + caption_h + PAD)
@@ -213,16 +214,19 @@ def render_figure(images: torch.Tensor, region_masks: torch.Tensor, *, title: st
     draw = ImageDraw.Draw(fig)
     f_title, f_text = font(TITLE_SIZE), font(FONT_SIZE)
     lh = _line_height(f_text) + LINE_GAP
-    draw.text((PAD, PAD), title, fill=INK, font=f_title)
-    y = PAD + _line_height(f_title) + LINE_GAP
+    lht = _line_height(f_title) + LINE_GAP
+    head = title.split("  ·  ")
+    draw_lines(draw, (PAD, PAD), wrap_segments([(head[0], INK)] + [(t, MUTED) for t in head[1:]], f_title,
+                                               lay.width - 2 * PAD, 1, sep="  ·  "), f_title, lht, sep="  ·  ")
     segs = word_segments(words) if words else [(note or "no words", MUTED)]
-    draw_lines(draw, (PAD, y), wrap_segments(segs, f_text, lay.width - 2 * PAD, TITLE_LINES - 1), f_text, lh)
+    draw_lines(draw, (PAD, PAD + lht), wrap_segments(segs, f_title, lay.width - 2 * PAD, TITLE_LINES - 1), f_title,
+               lht)
     tiles = highlight(images, region_masks, dim=dim, width=width)
     for i, (x, y0) in enumerate(lay.tiles):
         fig.paste(to_pil(tiles[i]), (x, y0))
         head, iw = captions[i] if i < len(captions) else ("", [])
         cy = y0 + size + LINE_GAP
-        draw.text((x, cy), head, fill=MUTED, font=f_text)
+        draw_lines(draw, (x, cy), wrap_segments([(head, MUTED)], f_text, size, 1), f_text, lh)
         isegs = [(f"{w['word']}{'*' if w.get('novel') else ''}",
                   NOVEL if w.get("novel") else (SHARED if w.get("shared") else INK)) for w in iw]
         draw_lines(draw, (x, cy + lh), wrap_segments(isegs, f_text, size, CAPTION_LINES - 1, sep=", "), f_text, lh,
@@ -353,19 +357,34 @@ def render_thumbnails(session: Any, doc: dict[str, Any], folder: Path, n_images:
         first_path = {}
         for r, _, _, p in chunk:
             first_path.setdefault(r, p)
-        imgs = torch.stack([apply_view_image(read_rgb(first_path[r]), View(), size) for r in uniq])
+        with _one_thread():
+            imgs = torch.stack([apply_view_image(read_rgb(first_path[r]), View(), size) for r in uniq])
         idx = torch.tensor([pos[r] for r in rows], dtype=torch.long)
         filt = torch.tensor([c[1] for c in chunk], dtype=torch.long)
         reg = regions(maps[idx], filt, session.cache.threshold, size)
         hl = highlight(imgs[idx], reg, width=width)
+        if thumb != size:
+            with _one_thread():
+                hl = torch.stack([apply_view_image(h, View(), thumb) for h in hl])
+        pixels = to_uint8(hl).numpy()
         for k, (_, u, q, _) in enumerate(chunk):
-            small = apply_view_image(hl[k], View(), thumb) if thumb != size else hl[k]
             name = f"f{u:04d}-{q:02d}.jpg"
-            to_pil(small).save(folder / name, format="JPEG", quality=quality, optimize=True)
+            Image.fromarray(pixels[k], "RGB").save(folder / name, format="JPEG", quality=quality)
             names[(u, q)] = name
         if task is not None:
             progress.advance(task, len(chunk))
     return names
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run many small per-image tensor ops on one intra-op thread (several threads only contend)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:

@@ -63,7 +63,7 @@ def handle_errors(fn: F) -> F:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]: nothing complete was overwritten; run the command again to resume")
+            err.print("[yellow]interrupted[/]: nothing complete was overwritten; run the same command again to continue (add --resume to `lavise train`)")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -110,11 +110,22 @@ def apply_view_masks(masks: torch.Tensor, view: View, grid: tuple[int, int]) -> 
     """
     _, h, w = masks.shape
     left, top, right, bottom = view.pixel_box(h, w)
-    m = masks[:, top:bottom, left:right].float()
-    m = F.adaptive_avg_pool2d(m[None], grid)[0]
+    m = masks[:, top:bottom, left:right].double()
+    wy = area_weights(bottom - top, grid[0])
+    wx = area_weights(right - left, grid[1])
+    # (K, gh, gw): the exact covered fraction, also when cells split pixels (float64, then float32)
+    m = (wy @ m @ wx.T).float().clamp_(0.0, 1.0)
     if view.flip:
         m = m.flip(-1)
     return m
+
+
+def area_weights(length: int, cells: int) -> torch.Tensor:
+    """``(cells, length)``: the share of cell ``j`` (``[j L/n, (j+1) L/n)``) that pixel ``x`` fills."""
+    edges = torch.arange(cells + 1, dtype=torch.float64) * (length / cells)
+    x0 = torch.arange(length, dtype=torch.float64)
+    overlap = (torch.minimum(edges[1:, None], x0[None, :] + 1) - torch.maximum(edges[:-1, None], x0[None, :])).clamp_min(0)
+    return overlap / (length / cells)
 
 
 def masks_at(masks: torch.Tensor, view: View, size: int) -> torch.Tensor:

@@ -94,7 +94,7 @@ def load_index(store: Store, dataset: str) -> DatasetIndex:
     if entry is None:
         raise LaviseError(f"dataset {dataset!r} is not preprocessed yet: run `lavise preprocess {dataset}`")
     ds = store.get("datasets", dataset).manifest
-    if entry["inputs"].get("dataset") != ds["inputs"]:
+    if entry["inputs"].get("dataset") != dataset_inputs(store, ds):
         raise LaviseError(f"the index of {dataset!r} is stale (its data changed): run `lavise preprocess {dataset}`")
     root = store.path("indexes", dataset)
     meta = json.loads((root / "concepts.json").read_text())
@@ -124,6 +124,19 @@ def load_index(store: Store, dataset: str) -> DatasetIndex:
         digest=stable_digest(entry["inputs"]) + ":" + entry["created"],
         manifest=entry,
     )
+
+
+def dataset_inputs(store: Store, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Digests of a dataset's annotation files as they are now (so an edit in place is noticed)."""
+    digest = FileDigests(store)
+    out = {}
+    for split, info in manifest["settings"]["splits"].items():
+        ann = info.get("annotations")
+        if ann and Path(ann).is_file():
+            out[f"{split}.annotations"] = digest(ann)
+        else:
+            out[f"{split}.annotations"] = None
+    return out
 
 
 # -- building -----------------------------------------------------------------------------
@@ -327,7 +340,7 @@ def preprocess(
     emb: Embedding = load_embedding(store, embedding)
     emb_manifest = store.get("embeddings", emb.name).manifest
     inputs = {
-        "dataset": ds.manifest["inputs"],
+        "dataset": dataset_inputs(store, ds.manifest),
         "embedding": {"name": emb.name, **emb_manifest["inputs"]},
         "seen_fraction": seen_fraction,
         "seed": seed,

@@ -1,0 +1,283 @@
+"""The target pass (src/lavise_cli/target.py): the exact 0.995-quantile threshold, streamed.
+
+``RunningTopK`` is checked against ``torch.quantile`` on data small enough for it (uneven
+batches, heavy ties, ReLU6-saturated rows, all-zero rows); ``target_pass`` on a generated image
+folder with a small factory model is checked against the cached maps and against the model run
+by hand, and corrupt images are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lavise_cli.data.images import View, apply_view_image, normalize, read_rgb
+from lavise_cli.errors import LaviseError
+from lavise_cli.models import load_model
+from lavise_cli.store import Store
+from lavise_cli.target import QUANTILE, RunningTopK, folder_target, target_pass
+
+UNEVEN = (1, 7, 300, 13, 2, 64, 5)
+
+
+def _stream(x: torch.Tensor, k: int, sizes=UNEVEN) -> RunningTopK:
+    r = RunningTopK(x.shape[0], k)
+    i = j = 0
+    while i < x.shape[1]:
+        s = sizes[j % len(sizes)]
+        r.add(x[:, i:i + s])
+        i += s
+        j += 1
+    assert r.count == x.shape[1]
+    return r
+
+
+def _ulp(t: torch.Tensor) -> torch.Tensor:
+    """Spacing of float32 at ``t``."""
+    t = t.float()
+    return (torch.nextafter(t, torch.full_like(t, math.inf)) - t).abs()
+
+
+def _assert_exact_quantile(got: torch.Tensor, x: torch.Tensor, q: float = QUANTILE) -> None:
+    """``got`` is the q-quantile of each row of ``x``: torch.quantile computed in float64 and
+    rounded to float32 (within one float32 spacing), and torch.quantile in float32 within the
+    error of its own float32 rank arithmetic."""
+    exact = torch.quantile(x.double(), q, dim=1)
+    err = (got.double() - exact).abs()
+    assert (err <= _ulp(exact).double()).all(), (got, exact)
+    f32 = torch.quantile(x.float(), q, dim=1)
+    assert torch.allclose(got, f32, rtol=0, atol=1e-5 * max(1.0, float(x.abs().max()))), (got, f32)
+
+
+def _data(seed: int, kind: str, n: int, d: int = 6) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(d, n, generator=g)
+    if kind == "ties":  # few distinct values: the quantile's neighbours are usually equal
+        x = torch.randint(0, 4, (d, n), generator=g).float() * 0.25
+    elif kind == "relu6":  # saturated at the cap: the top 0.5 % is all 6.0
+        x = (torch.relu(x) * 8.0).clamp(max=6.0)
+        x[1] = 0.0  # a dead filter: every value 0
+        x[2, : n // 2] = 6.0
+    elif kind == "mixed":
+        x[0] = 0.0
+        x[3] = x[3].round()
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("kind", ["continuous", "ties", "relu6", "mixed"])
+def test_running_topk_equals_torch_quantile_uneven_batches(seed: int, kind: str) -> None:
+    n = [201, 544, 1000, 2831][seed]
+    x = _data(seed, kind, n)
+    r = _stream(x, RunningTopK.k_for(n))
+    got = r.quantile(QUANTILE)
+    assert got.shape == (x.shape[0],)
+    _assert_exact_quantile(got, x)
+    if kind in ("ties", "relu6"):
+        # With tied neighbours the interpolation is a no-op: bit-exact even against float32 torch.quantile.
+        assert torch.equal(got, torch.quantile(x, QUANTILE, dim=1))
+    if kind == "relu6":
+        assert float(got[1]) == 0.0  # all-zero row
+        assert float(got[2]) == 6.0  # half the row at the cap
+
+
+def test_running_topk_batching_does_not_matter() -> None:
+    x = _data(7, "continuous", 1500)
+    k = RunningTopK.k_for(1500)
+    a = _stream(x, k, sizes=(1,) * 3 + (1497,)).quantile()
+    b = _stream(x, k, sizes=(1500,)).quantile()
+    c = _stream(x, k, sizes=(3, 11, 1, 250)).quantile()
+    assert torch.equal(a, b) and torch.equal(b, c)
+    # Column order of the stream does not matter either.
+    perm = torch.randperm(1500, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_stream(x[:, perm], k).quantile(), b)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 199, 200, 201, 1000, 4001])
+def test_k_for_is_enough(n: int) -> None:
+    x = _data(n, "continuous", n, d=3)
+    k = RunningTopK.k_for(n)
+    assert k <= n + 1
+    # The buffer never holds more than k values, yet the quantile is exact.
+    r = _stream(x, k)
+    assert r.values.shape[1] == min(k, n)
+    _assert_exact_quantile(r.quantile(), x)
+    # ...and k_for is about what it takes: it grows like 0.5 % of n.
+    assert k <= math.ceil((1 - QUANTILE) * n) + 2
+
+
+def test_too_small_buffer_is_refused_not_wrong() -> None:
+    n = 2000
+    x = _data(3, "continuous", n)
+    r = _stream(x, 3)  # k_for(2000) is 12
+    with pytest.raises(ValueError):
+        r.quantile(QUANTILE)
+
+
+def test_running_topk_other_quantiles_and_errors() -> None:
+    x = _data(5, "continuous", 400)
+    r = _stream(x, 400)  # keeps everything: any quantile
+    for q in (0.0, 0.5, 0.9, 0.995, 1.0):
+        _assert_exact_quantile(r.quantile(q), x, q)
+    with pytest.raises(ValueError):
+        RunningTopK(3, 5).quantile()
+    with pytest.raises(ValueError):
+        RunningTopK(3, 5).add(torch.zeros(4, 2))
+
+
+def test_running_topk_state_roundtrip() -> None:
+    x = _data(9, "continuous", 900)
+    r = _stream(x[:, :500], RunningTopK.k_for(900))
+    r2 = RunningTopK(x.shape[0], 1)
+    r2.load_state_dict(r.state_dict())
+    r.add(x[:, 500:])
+    r2.add(x[:, 500:])
+    assert torch.equal(r.quantile(), r2.quantile())
+    _assert_exact_quantile(r2.quantile(), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# target_pass on a generated folder
+# ----------------------------------------------------------------------------------------------
+
+# A tiny factory model.  Its layer ``feat`` outputs (N, 5, 4, 4) for 32x32 inputs, with values
+# on a 1/16 grid (exactly representable in the fp16 cache), so the cached maps hold exactly the
+# values the threshold was computed from.  Channel 1 is ReLU6-capped (saturates), channel 4 is
+# always 0 (an inactive filter).
+FACTORY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Quantise(nn.Module):
+        def forward(self, x):
+            return torch.round(x * 16.0) / 16.0
+
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 1)
+            with torch.no_grad():
+                self.conv.weight.copy_(torch.tensor([
+                    [1.0, -0.5, -0.5], [6.0, 6.0, 6.0], [-1.0, 1.0, 0.0], [0.2, 0.3, 0.5], [0.0, 0.0, 0.0],
+                ]).view(5, 3, 1, 1))
+                self.conv.bias.copy_(torch.tensor([0.0, 0.0, 0.1, 0.2, -1.0]))
+            self.act = nn.ReLU6()
+            self.pool = nn.AvgPool2d(8)
+            self.feat = Quantise()
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x):
+            f = self.feat(self.pool(self.act(self.conv(x))))
+            return self.head(f.mean((2, 3)))
+
+
+    def build():
+        return Tiny(), {"input_size": 32, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    """
+)
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path):
+    f = tmp_path / "tiny_model.py"
+    f.write_text(FACTORY)
+    return load_model(f"{f}:build", "none")
+
+
+def _write_folder(root: Path, n_good: int = 23) -> list[Path]:
+    """``n_good`` seeded images of varied sizes and formats, plus two corrupt files; returns the good ones."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    good = []
+    for i in range(n_good):
+        w, h = int(rng.integers(20, 60)), int(rng.integers(20, 60))
+        arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        if i % 5 == 0:
+            arr[: h // 2] = (255, 255, 255)  # saturates channel 1 (ReLU6 cap)
+        sub = root / ("nested" if i % 4 == 0 else "")
+        sub.mkdir(exist_ok=True)
+        p = sub / f"img_{i:03d}.{'png' if i % 3 == 0 else 'jpg'}"
+        Image.fromarray(arr).save(p)
+        good.append(p)
+    (root / "img_900_garbage.jpg").write_bytes(b"not an image\n" * 40)
+    buf = good[0].read_bytes()
+    (root / "img_901_truncated.png").write_bytes(buf[: len(buf) // 3])
+    (root / "notes.txt").write_text("not an image file: ignored by extension")
+    return sorted(good)
+
+
+def test_target_pass_threshold_and_stats_match_cached_maps(tmp_path: Path, tiny_model) -> None:
+    store = Store(tmp_path / "home")
+    folder = tmp_path / "imgs"
+    good = _write_folder(folder)
+    target = folder_target(folder)
+    assert len(target.paths) == len(good) + 2  # the two corrupt files are listed, the .txt is not
+    cache = target_pass(store, tiny_model, "feat", target, batch_size=5, workers=0)
+    assert not cache.hit
+    d, h, w = cache.shape
+    assert (d, h, w) == (5, 4, 4)
+
+    # Corrupt images are skipped and counted.
+    assert cache.n == len(good)
+    kept = [target.paths[int(r)] for r in cache.rows]
+    assert sorted(kept) == good
+    assert all("img_90" not in p.name for p in kept)
+    assert store.manifest("targets", cache.root.name)["failed_images"] == 2
+
+    maps = cache.maps(torch.arange(cache.n))
+    assert maps.shape == (cache.n, d, h, w)
+    vals = maps.permute(1, 0, 2, 3).reshape(d, -1)
+    _assert_exact_quantile(cache.threshold, vals)
+    assert torch.equal(cache.img_max, maps.flatten(2).amax(2))
+    assert torch.allclose(cache.img_mean, maps.flatten(2).mean(2), rtol=0, atol=1e-6)
+    assert float(cache.threshold[1]) == 6.0  # saturated filter: the threshold is the cap itself
+    assert float(cache.threshold[4]) == 0.0  # dead filter
+
+    # The cached maps are the model's own output for each image (rows in target order).
+    net = tiny_model.module
+    pre = tiny_model.preprocess
+    for r in (0, 5, cache.n - 1):
+        x = normalize(apply_view_image(read_rgb(kept[r]), View(), pre.input_size), pre.mean, pre.std)
+        ref = net.feat(net.pool(net.act(net.conv(x[None]))))[0]
+        assert torch.allclose(maps[r], ref, atol=1e-6), r
+
+    # A second pass is served from the store, identical.
+    again = target_pass(store, tiny_model, "feat", target, batch_size=7, workers=0)
+    assert again.hit
+    assert torch.equal(again.threshold, cache.threshold)
+    assert torch.equal(again.rows, cache.rows)
+    assert torch.equal(again.maps([3, 0]), maps[[3, 0]])
+
+
+def test_target_pass_maps_span_several_shards(tmp_path: Path, tiny_model, monkeypatch) -> None:
+    """Rows in several shards come back in the order asked for."""
+    import lavise_cli.target as target_mod
+
+    monkeypatch.setattr(target_mod, "SHARD_IMAGES", 4)  # a size, not a behaviour: exercises shard splitting
+    store = Store(tmp_path / "home")
+    good = _write_folder(tmp_path / "imgs", n_good=11)
+    cache = target_pass(store, tiny_model, "feat", folder_target(tmp_path / "imgs"), batch_size=3, workers=0)
+    assert cache.n == len(good)
+    assert len(list(cache.root.glob("maps-*.safetensors"))) == math.ceil(len(good) / 4)
+    every = cache.maps(torch.arange(cache.n))
+    order = [10, 0, 5, 4, 3, 9]
+    assert torch.equal(cache.maps(order), every[order])
+    assert torch.equal(every.flatten(2).amax(2), cache.img_max)
+
+
+def test_folder_target_errors(tmp_path: Path) -> None:
+    with pytest.raises(LaviseError):
+        folder_target(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("x")
+    with pytest.raises(LaviseError):
+        folder_target(tmp_path / "empty")

@@ -1,0 +1,575 @@
+"""`lavise heatmap` and `lavise report`: exact regions, clear errors, and the page in a real browser.
+
+The store is built from generated images whose activation regions are known: a "CNN" of one
+fixed stride-8 convolution (8 x 8 cells of a 64 px input) whose filter 0 fires only on the white
+squares drawn into the images, its filter 1 only on the red ones.  The report is opened from
+disk in Debian's headless Chromium, driven over the DevTools protocol on a pipe (no extra
+package, no network port).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import fcntl
+import io
+import json
+import os
+import select
+import shutil
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from lavise_cli.data.images import View, apply_view_image, read_rgb
+from lavise_cli.data.index import preprocess
+from lavise_cli.download import register_coco
+from lavise_cli.embeddings import register_embedding
+from lavise_cli.pipeline import evaluate_methods, explanation_doc, open_session, run_explain, vocabulary_for
+from lavise_cli.store import Store
+from lavise_cli.train import TrainSettings, train
+from lavise_cli import visualize as viz
+
+FACTORY = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+
+    class Squares(nn.Module):
+        \"\"\"Filter 0: brightness above 0.5 (white squares); 1: red minus green; 2: blue minus red;
+        3: darkness; 4: green minus red; 5: brightness.  One cell = 8 x 8 input pixels.\"\"\"
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, kernel_size=8, stride=8)
+            w = torch.zeros(6, 3, 8, 8)
+            b = torch.zeros(6)
+            w[0] = 1 / 192
+            b[0] = -0.5
+            w[1, 0], w[1, 1] = 1 / 64, -1 / 64
+            w[2, 2], w[2, 0] = 1 / 64, -1 / 64
+            w[3] = -1 / 192
+            b[3] = 0.5
+            w[4, 1], w[4, 0] = 1 / 64, -1 / 64
+            w[5] = 1 / 192
+            with torch.no_grad():
+                self.conv.weight.copy_(w)
+                self.conv.bias.copy_(b)
+            self.act = nn.ReLU()
+            self.head = nn.Linear(6, 2)
+            with torch.no_grad():
+                self.head.weight.zero_()
+                self.head.bias.zero_()
+
+        def forward(self, x):
+            return self.head(self.act(self.conv(x)).mean((2, 3)))
+
+
+    def build():
+        return Squares(), {"input_size": 64, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    """
+)
+
+SIZE = 64  # the model's input size
+FILE = 128  # the images on disk (2 px per input pixel)
+CATEGORIES = [{"id": 1, "name": "dog", "supercategory": "a"}, {"id": 2, "name": "cat", "supercategory": "a"},
+              {"id": 3, "name": "car", "supercategory": "v"}]
+COLOURS = {1: (255, 255, 255), 2: (255, 0, 0), 3: (0, 0, 255)}
+GLOVE_WORDS = ("the of and dog cat car puppy kitten truck box ball sky snow brick tomato cherry lemon ocean "
+               "grass tree road water house window door table chair red blue green").split()
+
+
+def write_glove(path: Path, dim: int = 16, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for w, v in zip(GLOVE_WORDS, rng.normal(size=(len(GLOVE_WORDS), dim))):
+            fh.write(w + " " + " ".join(f"{x:.6f}" for x in v) + "\n")
+    return path
+
+
+def write_coco(root: Path, split: str, n: int, seed: int) -> dict[str, list[tuple[int, int, int]]]:
+    """``n`` 128 px images on a noisy grey ground with white+red, white+blue or red squares (48 px).
+
+    Returns, per file name, the squares drawn as ``(category, x0, y0)`` in file pixels.  The
+    squares sit on the 16 px cell grid, so a cell is either all square or all ground.
+    """
+    rng = np.random.default_rng(seed)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / f"{split}2017").mkdir(parents=True, exist_ok=True)
+    images, anns, drawn = [], [], {}
+    for i in range(n):
+        ground = rng.integers(70, 110, size=(FILE, FILE, 3), dtype=np.uint8)
+        im = Image.fromarray(ground, "RGB")
+        dr = ImageDraw.Draw(im)
+        cats = ([1, 2], [1, 3], [2])[i % 3]
+        spots = [(0, 0), (4, 4)] if i % 2 == 0 else [(4, 0), (0, 4)]
+        squares = []
+        for c, (cx, cy) in zip(cats, spots):
+            cx += int(rng.integers(0, 2))
+            cy += int(rng.integers(0, 2))
+            x0, y0 = cx * 16, cy * 16
+            dr.rectangle([x0, y0, x0 + 47, y0 + 47], fill=COLOURS[c])
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c, "iscrowd": 0,
+                         "segmentation": [[x0, y0, x0 + 48, y0, x0 + 48, y0 + 48, x0, y0 + 48]],
+                         "area": 48.0 * 48, "bbox": [x0, y0, 48, 48]})
+            squares.append((c, x0, y0))
+        fn = f"{split}_{i:05d}.png"
+        im.save(root / f"{split}2017" / fn)
+        images.append({"id": i + 1, "file_name": fn, "width": FILE, "height": FILE})
+        drawn[fn] = squares
+    doc = {"images": images, "annotations": anns, "categories": CATEGORIES}
+    (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(doc))
+    return drawn
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("visualize")
+    factory = base / "squares.py"
+    factory.write_text(FACTORY)
+    store = Store(base / "home")
+    write_coco(base / "coco", "train", 18, seed=1)
+    drawn = write_coco(base / "coco", "val", 12, seed=2)
+    register_coco(store, base / "coco", "squares")
+    register_embedding(store, write_glove(base / "glove.16d.txt"), name="g16")
+    preprocess(store, "squares", embedding="g16", workers=1)
+    res = train(store, f"{factory}:build", ["squares"], layers=["act"], name="squares",
+                settings=TrainSettings(epochs=4, patience=4, seed=0), device="cpu", workers=0)
+    ses = open_session(store, device="cpu", workers=0)
+    return {"store": store, "home": base / "home", "base": base, "explainer": res[0].name, "session": ses,
+            "drawn": drawn}
+
+
+def run_cli(home: Path, *args: Any) -> Any:
+    from typer.testing import CliRunner
+
+    from lavise_cli.cli import app
+
+    return CliRunner().invoke(app, ["--home", str(home), *[str(a) for a in args]])
+
+
+def assert_clear_error(result: Any, *needles: str) -> str:
+    """Exit code != 0, no traceback, exactly one line on stderr: ``error: ...``."""
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure parts: outline, highlight, layout
+# ----------------------------------------------------------------------------------------------
+
+
+def test_outline_is_the_inner_boundary() -> None:
+    region = torch.zeros(12, 12, dtype=torch.bool)
+    region[3:9, 2:10] = True
+    edge = viz.outline(region, 1)
+    expected = region.clone()
+    expected[4:8, 3:9] = False
+    assert torch.equal(edge, expected)
+    thick = viz.outline(region, 2)
+    expected2 = region.clone()
+    expected2[5:7, 4:8] = False
+    assert torch.equal(thick, expected2)
+    # The image border is no boundary; an empty or a full region has no outline.
+    full = torch.ones(6, 6, dtype=torch.bool)
+    assert not viz.outline(full, 1).any()
+    assert not viz.outline(~full, 1).any()
+    left = torch.zeros(6, 6, dtype=torch.bool)
+    left[:, :3] = True
+    assert torch.equal(viz.outline(left, 1).nonzero()[:, 1].unique(), torch.tensor([2]))
+    # Batched the same as one by one.
+    both = torch.stack([region, ~region])
+    assert torch.equal(viz.outline(both, 2), torch.stack([viz.outline(region, 2), viz.outline(~region, 2)]))
+
+
+def test_highlight_keeps_the_region_dims_the_rest_and_draws_the_outline() -> None:
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(3, 20, 20, generator=g) * 0.8 + 0.1
+    region = torch.zeros(20, 20, dtype=torch.bool)
+    region[5:15, 4:12] = True
+    out = viz.highlight(img, region, dim=0.3, width=2, color=(255, 0, 255))
+    edge = viz.outline(region, 2)
+    inner = region & ~edge
+    assert torch.equal(out[:, inner], img[:, inner])
+    assert torch.equal(out[:, ~region], img[:, ~region] * 0.3)
+    assert torch.equal(out[:, edge], torch.tensor([1.0, 0.0, 1.0])[:, None].expand(3, int(edge.sum())))
+    assert edge.sum() > 0 and inner.sum() > 0
+    batch = viz.highlight(torch.stack([img, img]), torch.stack([region, ~region]), dim=0.3, width=2,
+                          color=(255, 0, 255))
+    assert torch.equal(batch[0], out)
+
+
+def test_layout_size_is_the_grid_plus_text() -> None:
+    lay = viz.heatmap_layout(7, 100, cols=3)
+    assert (lay.cols, lay.rows) == (3, 3)
+    assert lay.width == 3 * 100 + 4 * viz.PAD
+    assert lay.height == viz.PAD + lay.title_h + 3 * (100 + lay.caption_h + viz.PAD)
+    assert lay.tiles[0] == (viz.PAD, viz.PAD + lay.title_h)
+    assert lay.tiles[4] == (viz.PAD + 100 + viz.PAD, viz.PAD + lay.title_h + 100 + lay.caption_h + viz.PAD)
+    # Tiles never overlap and stay inside the figure.
+    for x, y in lay.tiles:
+        assert 0 <= x and x + 100 <= lay.width and 0 <= y and y + 100 <= lay.height
+    assert len({t for t in lay.tiles}) == 7
+    assert viz.heatmap_layout(3, 50).cols == 3 and viz.heatmap_layout(12, 50).cols == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# A heatmap from generated images with known regions
+# ----------------------------------------------------------------------------------------------
+
+
+def test_heatmap_highlights_exactly_the_region(squares: dict[str, Any]) -> None:
+    ses = squares["session"]
+    vocab = vocabulary_for(ses)
+    ex = run_explain(ses, [0, 1], "attention", vocab, p=6, s=3, k=3)
+    doc = explanation_doc(ses, ex)
+    n = 4
+    for entry in doc["filters"]:
+        u = entry["filter"]
+        fig = viz.render_heatmap(ses, entry, n, doc=doc)
+        lay = viz.heatmap_layout(n, SIZE)
+        assert fig.size == (lay.width, lay.height) == (4 * SIZE + 5 * viz.PAD, lay.height)
+        arr = np.asarray(fig).astype(np.int16)
+        assert arr.std() > 20 and len(np.unique(arr.reshape(-1, 3), axis=0)) > 50  # not blank
+        tops = entry["top_images"][:n]
+        rows = [t["row"] for t in tops]
+        maps = ses.cache.maps(rows)
+        # The region by its definition: F_u upsampled bilinearly to the input size, >= T_u.
+        up = F.interpolate(maps[:, u:u + 1], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]
+        want = up >= ses.cache.threshold[u]
+        for q, t in enumerate(tops):
+            x, y = lay.tiles[q]
+            tile = arr[y:y + SIZE, x:x + SIZE]
+            orig = apply_view_image(read_rgb(t["path"]), View(), SIZE)
+            kept = (orig.clamp(0, 1) * 255).round().to(torch.int16).permute(1, 2, 0).numpy()
+            dimmed = (orig * viz.DIM * 255).round().to(torch.int16).permute(1, 2, 0).numpy()
+            assert (kept != dimmed).any(2).all()  # every pixel tells "kept" from "dimmed" apart
+            is_outline = (tile == np.array(viz.OUTLINE)).all(2)
+            highlighted = (tile == kept).all(2) | is_outline
+            is_dimmed = (tile == dimmed).all(2)
+            assert np.array_equal(highlighted, want[q].numpy()), (u, q)
+            assert np.array_equal(is_dimmed, ~want[q].numpy()), (u, q)
+            assert is_outline.any() and (highlighted & ~is_outline).any()
+            # And the region lies inside the square this filter fires on (white for 0, red for 1).
+            cat = {0: 1, 1: 2}[u]
+            inside = np.zeros((SIZE, SIZE), bool)
+            for c, x0, y0 in squares["drawn"][Path(t["path"]).name]:
+                if c == cat:
+                    inside[y0 // 2:y0 // 2 + 24, x0 // 2:x0 // 2 + 24] = True
+            assert want[q].any() and not (want[q].numpy() & ~inside).any(), (u, q)
+
+
+def test_heatmap_paths_write_pngs_atomically(squares: dict[str, Any], tmp_path: Path) -> None:
+    ses = squares["session"]
+    ex = run_explain(ses, [0, 3], "attention", vocabulary_for(ses), p=5, s=3, k=3)
+    doc = explanation_doc(ses, ex)
+    paths = viz.heatmap_paths(ses, doc, tmp_path / "pics", 3)
+    assert [p.name for p in paths] == ["filter-0000.png", "filter-0003.png"]
+    assert sorted(os.listdir(tmp_path / "pics")) == ["filter-0000.png", "filter-0003.png"]  # no temporaries
+    for p in paths:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size == (3 * SIZE + 4 * viz.PAD, viz.heatmap_layout(3, SIZE).height)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cli_heatmap_no_explainer_yet(tmp_path: Path) -> None:
+    assert_clear_error(run_cli(tmp_path / "empty", "heatmap", "-f", "0"), "train")
+    assert_clear_error(run_cli(tmp_path / "empty", "-q", "report"), "train")
+
+
+def test_cli_heatmap_filter_out_of_range_and_bad_options(squares: dict[str, Any]) -> None:
+    home = squares["home"]
+    assert_clear_error(run_cli(home, "heatmap", "-f", "6"), "filter 6 is out of range", "6 filters")
+    assert_clear_error(run_cli(home, "heatmap", "-f", "0,99999"), "99999")
+    assert_clear_error(run_cli(home, "-q", "report", "-f", "2-40"), "out of range")
+    assert_clear_error(run_cli(home, "-q", "heatmap"), "--filters")
+    assert_clear_error(run_cli(home, "-q", "heatmap", "-f", "x"), "cannot read filter")
+    assert_clear_error(run_cli(home, "-q", "heatmap", "-f", "0", "-n", "0"), "--images")
+    assert_clear_error(run_cli(home, "-q", "heatmap", "-f", "0", "--method", "magic"), "unknown method")
+
+
+def test_cli_heatmap_matches_explain(squares: dict[str, Any], tmp_path: Path) -> None:
+    home = squares["home"]
+    r = run_cli(home, "-q", "heatmap", "-f", "0,1", "-n", "3", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    e = run_cli(home, "-q", "explain", "-f", "0,1", "--json")
+    assert e.exit_code == 0, e.output
+    words = json.loads(e.stdout)
+    assert doc["explanation"] == words["saved"]  # the very result file explain writes
+    for h, f in zip(doc["heatmaps"], words["filters"]):
+        assert h["filter"] == f["filter"]
+        assert h["words"] == f["words"]
+        assert h["images"] == [t["path"] for t in f["top_images"][:3]]
+        png = Path(h["png"])
+        assert png.is_file() and png.name == f"filter-{f['filter']:04d}.png"
+        assert str(squares["home"]) in str(png)  # in the store, under the explainer
+    r = run_cli(home, "-q", "heatmap", "-f", "2", "--out", tmp_path / "pics")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str((tmp_path / "pics" / "filter-0002.png").resolve())
+
+
+def test_cli_report_with_recall(squares: dict[str, Any], tmp_path: Path) -> None:
+    home = squares["home"]
+    page = tmp_path / "out" / "layer.html"
+    r = run_cli(home, "-q", "report", "--out", page, "-n", "4", "--thumb", "48", "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["report"] == str(page.resolve()) and res["evaluated"] and res["filters"] == 6
+    assert res["images"] == 6 * 4
+    files = page.parent / "layer_files"
+    assert sorted(p.name for p in files.iterdir())[:2] == ["f0000-00.jpg", "f0000-01.jpg"]
+    with Image.open(files / "f0000-00.jpg") as im:
+        assert im.size == (48, 48) and im.format == "JPEG"
+    text = page.read_text()
+    assert "R@5" in text and text.count('class="card"') == 6 and text.count('loading="lazy"') == 24
+    assert "http://" not in text and "https://" not in text  # nothing to fetch from the network
+    # Unlabelled target: no recall, still a page.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 30), (60 * i, 255 - 40 * i, 128)).save(plain / f"p{i}.png")
+    r = run_cli(home, "-q", "report", "--image-dir", plain, "--out", tmp_path / "plain.html", "-n", "2", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["evaluated"] is False
+    assert "Not evaluated" in (tmp_path / "plain.html").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# The report in a real headless browser
+# ----------------------------------------------------------------------------------------------
+
+
+class Chrome:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``).
+
+    The browser reads JSON commands (each ending in a NUL byte) on its fd 3 and answers on fd 4.
+    """
+
+    def __init__(self, exe: str, profile: Path, width: int = 1280, height: int = 900):
+        to_chrome_r, self._w = os.pipe()
+        self._r, from_chrome_w = os.pipe()
+        # High copies, so that placing them at 3 and 4 in the child cannot clobber one another.
+        hi_r = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD_CLOEXEC, 10)
+        hi_w = fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD_CLOEXEC, 10)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+
+        def place() -> None:
+            os.dup2(hi_r, 3)
+            os.dup2(hi_w, 4)
+
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--remote-debugging-pipe", f"--user-data-dir={profile}",
+                 f"--window-size={width},{height}", "about:blank"]
+        self.proc = subprocess.Popen([exe, *flags], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, close_fds=False, preexec_fn=place)
+        os.close(hi_r)
+        os.close(hi_w)
+        self._buf = b""
+        self._id = 0
+        self.events: list[dict[str, Any]] = []
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Page.enable", session=True)
+        self.call("Runtime.enable", session=True)
+        self.call("Emulation.setDeviceMetricsOverride", session=True, width=width, height=height,
+                  deviceScaleFactor=1, mobile=False)
+
+    def _read(self, deadline: float) -> dict[str, Any]:
+        while b"\0" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._r], [], [], left)[0]:
+                raise TimeoutError("no answer from chromium")
+            chunk = os.read(self._r, 1 << 20)
+            if not chunk:
+                raise RuntimeError("chromium closed the DevTools pipe (it exited)")
+            self._buf += chunk
+        msg, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(msg)
+
+    def call(self, method: str, session: bool = False, timeout: float = 30, **params: Any) -> dict[str, Any]:
+        self._id += 1
+        msg: dict[str, Any] = {"id": self._id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = self.session
+        data = json.dumps(msg).encode() + b"\0"
+        while data:
+            data = data[os.write(self._w, data):]
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self._read(deadline)
+            if m.get("id") == self._id:
+                if "error" in m:
+                    raise RuntimeError(f"{method}: {m['error']}")
+                return m.get("result", {})
+            self.events.append(m)
+
+    def wait_event(self, method: str, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, m in enumerate(self.events):
+                if m.get("method") == method:
+                    return self.events.pop(i)
+            self.events.append(self._read(deadline))
+
+    def goto(self, url: str) -> None:
+        self.events.clear()
+        self.call("Page.navigate", session=True, url=url)
+        self.wait_event("Page.loadEventFired")
+
+    def js(self, expression: str, timeout: float = 60) -> Any:
+        r = self.call("Runtime.evaluate", session=True, timeout=timeout, expression=expression, awaitPromise=True,
+                      returnByValue=True)
+        if "exceptionDetails" in r:
+            raise AssertionError(f"JavaScript error: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def screenshot(self) -> Image.Image:
+        data = self.call("Page.captureScreenshot", session=True, format="png")["data"]
+        return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=5)
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._r)
+        os.close(self._w)
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium); the report's browser test "
+                    "needs it")
+    return exe
+
+
+LOAD_IMAGES = """
+(async () => {
+  const imgs = Array.from(document.querySelectorAll('.card img'));
+  for (const img of imgs) {
+    img.scrollIntoView({block: 'center'});
+    if (!img.complete || img.naturalWidth === 0) {
+      await new Promise(done => {
+        img.addEventListener('load', done, {once: true});
+        img.addEventListener('error', done, {once: true});
+        setTimeout(done, 10000);
+      });
+    }
+  }
+  window.scrollTo(0, 0);
+  return imgs.map(i => [i.closest('.card').dataset.filter, i.getAttribute('src'), i.complete, i.naturalWidth]);
+})()
+"""
+
+
+def test_report_in_a_headless_browser(squares: dict[str, Any], tmp_path: Path) -> None:
+    exe = chromium()
+    ses = squares["session"]
+    vocab = vocabulary_for(ses)
+    filters = list(range(6))
+    n = 5
+    ex = run_explain(ses, filters, "attention", vocab, p=8, s=3, k=3)
+    doc = explanation_doc(ses, ex)
+    evaluation = evaluate_methods(ses, ["attention"], vocab, cuts=(5, 10), p=8, filters=filters)
+    # Distinct recalls (and one filter never counted) make the sort order unambiguous.
+    planted = [0.25, None, 0.9, 0.5, 0.05, 0.7]
+    evaluation["per_filter"]["attention"]["recall@5"] = planted
+    page = viz.build_report(ses, doc, evaluation, tmp_path / "site" / "report.html", n_images=n, thumb=64)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser = Chrome(exe, tmp_path / "profile")
+    try:
+        browser.call("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads),
+                     eventsEnabled=True)
+        browser.goto(page.as_uri())
+        # Every filter card and every image, present and loaded (they are lazy: scroll to each).
+        cards = browser.js("Array.from(document.querySelectorAll('.card')).map(c => +c.dataset.filter)")
+        assert cards == filters
+        imgs = browser.js(LOAD_IMAGES)
+        assert len(imgs) == len(filters) * n
+        assert all(c and w == 64 for _, _, c, w in imgs), [i for i in imgs if not (i[2] and i[3] == 64)]
+        assert {int(f) for f, *_ in imgs} == set(filters)
+        assert browser.js("document.querySelectorAll('img[loading=\"lazy\"]').length") == len(filters) * n
+        # The recall table and the settings are at the top.
+        head = browser.js("document.querySelector('header').innerText")
+        assert "R@5" in head and "attention" in head and squares["explainer"] in head
+        # Sort by recall: high first, the uncounted filter last.
+        order = browser.js("(() => { const s = document.getElementById('sort'); s.value = 'recall';"
+                           " s.dispatchEvent(new Event('input')); return Array.from(document.querySelectorAll("
+                           "'.card')).map(c => +c.dataset.filter); })()")
+        want = sorted(filters, key=lambda u: (planted[u] is None, -(planted[u] or 0)))
+        assert order == want == [2, 5, 3, 0, 4, 1]
+        # Filter by minimum recall and by word.
+        shown = browser.js("(() => { const m = document.getElementById('minrec'); m.value = '0.5';"
+                           " m.dispatchEvent(new Event('input')); return Array.from(document.querySelectorAll("
+                           "'.card:not([hidden])')).map(c => +c.dataset.filter); })()")
+        assert shown == [2, 5, 3]
+        word = doc["filters"][4]["words"][0]["word"]
+        shown = browser.js(f"(() => {{ document.getElementById('minrec').value = ''; const w = document."
+                           f"getElementById('word'); w.value = {json.dumps(word[:3])}; w.dispatchEvent(new "
+                           f"Event('input')); return Array.from(document.querySelectorAll('.card:not([hidden])'))"
+                           f".map(c => +c.dataset.filter); }})()")
+        assert 4 in shown
+        assert all(any(word[:3] in w["word"] for w in doc["filters"][u]["words"]) for u in shown)
+        browser.js("(() => { const w = document.getElementById('word'); w.value = ''; "
+                   "w.dispatchEvent(new Event('input')); })()")
+        # Human evaluation: the rating controls appear; rate two filters, export the CSV.
+        assert browser.js("getComputedStyle(document.querySelector('.rate')).display") == "none"
+        browser.js("document.getElementById('evalmode').click()")
+        assert browser.js("getComputedStyle(document.querySelector('.rate')).display") != "none"
+        assert browser.js("getComputedStyle(document.querySelector('.rec')).display") == "none"  # unbiased
+        browser.js("document.querySelector('input[name=\"r3\"][value=\"4\"]').click()")
+        browser.js("document.querySelector('input[name=\"r0\"][value=\"2\"]').click()")
+        text = browser.js("ratingsCSV()")
+        rows = list(csv.reader(io.StringIO(text)))
+        expect = [["filter", "rating", "words"]] + [
+            [str(u), r, "; ".join(w["word"] for w in doc["filters"][u]["words"])] for u, r in ((0, "2"), (3, "4"))]
+        assert rows == expect
+        browser.js("document.getElementById('export').click()")
+        deadline = time.monotonic() + 15
+        got: list[Path] = []
+        while time.monotonic() < deadline:
+            got = [p for p in downloads.iterdir() if p.suffix == ".csv"]
+            if got:
+                break
+            time.sleep(0.1)
+        assert len(got) == 1, list(downloads.iterdir())
+        assert got[0].read_text() == text
+        # A screenshot of the top of the page: not blank.
+        browser.js("window.scrollTo(0, 0)")
+        shot = browser.screenshot()
+        shot.save(tmp_path / "report.png")
+        arr = np.asarray(shot).astype(np.float32)
+        assert shot.size == (1280, 900)
+        assert arr.std() > 10 and len(np.unique(arr.reshape(-1, 3), axis=0)) > 100
+    finally:
+        browser.close()
