@@ -196,23 +196,37 @@ def decoded_batches(paths: Sequence[Path], size: int, mean: Sequence[float], std
 
 
 @torch.inference_mode()
-def bare_forward(net: torch.nn.Module, batches: Sequence[torch.Tensor], channels_last: bool = False) -> float:
-    """Seconds for ``net(x)`` over ``batches`` (inputs already in memory)."""
+def bare_forward(net: torch.nn.Module, batches: Sequence[torch.Tensor], channels_last: bool = False) -> "Timer":
+    """Time ``net(x)`` over ``batches`` (inputs already in memory); channels_last converts them first."""
     if channels_last:
         batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
-    t0 = time.perf_counter()
-    for x in batches:
-        net(x)
-    return time.perf_counter() - t0
+    with Timer() as t:
+        for x in batches:
+            net(x)
+    return t
 
 
 class Timer:
+    """Wall seconds (``seconds``) and this process's CPU seconds (``cpu``, all threads) of a block.
+
+    On a busy machine wall time exceeds CPU time / threads: compare them before trusting a figure.
+    """
+
     def __enter__(self) -> "Timer":
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.t0
+        self.cpu = time.process_time() - self.c0
+
+
+def load() -> str:
+    """The machine's load average: other processes on a small machine skew every timing."""
+    try:
+        return "load average %.1f %.1f %.1f" % os.getloadavg()
+    except OSError:
+        return "load average n/a"
 
 
 def environment() -> str:

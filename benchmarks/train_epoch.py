@@ -20,7 +20,6 @@ the cached train at least 10x faster.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    Timer, bare_forward, decode, decoded_batches, environment, synthetic_dataset, table, temp_store,
+    Timer, bare_forward, decode, decoded_batches, environment, load, synthetic_dataset, table, temp_store,
 )
 
 from lavise_cli.data.images import View, apply_view_masks  # noqa: E402
@@ -41,10 +40,6 @@ from lavise_cli.explainer import Explainer, hinge_rank_loss  # noqa: E402
 from lavise_cli.features import feature_grids, pooled_masked  # noqa: E402
 from lavise_cli.models import capture, load_model  # noqa: E402
 from lavise_cli.train import TrainSettings, merged_concepts, train, train_explainer  # noqa: E402
-
-
-def load() -> str:
-    return "load average %.1f %.1f %.1f" % os.getloadavg()
 
 
 # -- part 1 ---------------------------------------------------------------------------------------
@@ -203,14 +198,14 @@ def main(argv: list[str] | None = None) -> None:
                 ref_losses = ref.train(cvecs, settings)
             pairs = len(split.pair_image)
             rows = [
-                ["cached: lavise train (1 feature pass + epochs)", settings.epochs, pairs, t_cached.seconds,
+                ["cached: lavise train (1 feature pass + epochs)", settings.epochs, pairs, t_cached.seconds, t_cached.cpu,
                  f"features {res.seconds['features']:.2f} s, training {res.seconds['training']:.2f} s, "
                  f"cache {res.feature_cache}"],
-                ["reference: backbone for every pair, every epoch", settings.epochs, pairs, t_ref.seconds,
+                ["reference: backbone for every pair, every epoch", settings.epochs, pairs, t_ref.seconds, t_ref.cpu,
                  f"{settings.epochs * pairs} backbone image-forwards"],
             ]
             print(table(f"full train, {settings.epochs} epochs, resnet18 {layer}, batch {settings.batch_size}",
-                        ["", "epochs", "pairs", "seconds", "detail"], rows))
+                        ["", "epochs", "pairs", "seconds", "CPU s", "detail"], rows))
             print(f"final val loss: cached {res.losses[-1]['val']:.3f}, reference {ref_losses[-1]['val']:.3f} "
                   f"(same seed and pair order: they agree up to the fp16 rounding of the cache)")
             print(f"({load()})")

@@ -3,9 +3,10 @@
 The cached ``z`` of every (image, concept, view) is checked against a direct computation written
 here from scratch: PIL decodes the JPEG, torchvision.transforms.functional crops, resizes, flips
 and normalises it, a forward hook takes the layer's output, and the concept's binary mask (known
-exactly: it is written as an uncompressed-RLE crowd annotation) is cropped, area-averaged onto
-the feature grid by a reshape-mean and flipped like the image.  Image sizes are chosen so that
-the crop box and the grid cells fall on whole pixels, so that "area average" has one meaning.
+exactly: it is written as an uncompressed-RLE crowd annotation) is cropped like the image,
+reduced to the fraction of each feature-grid cell that it covers (exactly: every pixel is
+repeated grid-size times, so that cells fall on whole sub-pixels, then averaged per cell) and
+flipped like the image.  The crop boxes fall on whole pixels; the grid cells do not always.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from lavise_cli.store import Store
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-SIZE = 64  # resnet18 at 64 px: layer3 is 256 x 4 x 4, layer4 512 x 2 x 2
+SIZE = 96  # resnet18 at 96 px: layer3 is 256 x 6 x 6, layer4 512 x 3 x 3
 LAYERS = ["layer3", "layer4"]
 VIEW_NAMES = ["full", "flip", "crop", "crop-flip"]
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]
@@ -109,10 +110,10 @@ def write_glove(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two non-square images (landscape 60x40, portrait 40x60): crop box and 4x4 / 2x2 grid cells
-    on whole pixels for every view."""
+    """Two non-square images (landscape 60x40, portrait 50x70): crop boxes on whole pixels, grid
+    cells (6x6 and 3x3) on whole pixels in some directions and splitting pixels in others."""
     base = tmp_path_factory.mktemp("features")
-    truth = write_dataset(base / "coco", [(60, 40), (40, 60)])
+    truth = write_dataset(base / "coco", [(60, 40), (50, 70)])
     glove = write_glove(base / "glove.8d.txt")
     st, ix = make_store(base / "home", base / "coco", glove)
     return {"base": base, "truth": truth, "glove": glove, "store": st, "index": ix}
@@ -161,10 +162,11 @@ def direct_z(feat: torch.Tensor, mask: np.ndarray, crop: tuple[int, int, int, in
     """mean_hw(F * M'): M' the mask cropped like the image, area-averaged onto the grid, flipped."""
     left, top, right, bottom = crop
     _, gh, gw = feat.shape
-    m = torch.from_numpy(mask[top:bottom, left:right].astype(np.float64))
+    m = mask[top:bottom, left:right].astype(np.float64)
     hc, wc = m.shape
-    assert hc % gh == 0 and wc % gw == 0, "test images must put grid cells on whole pixels"
-    m = m.reshape(gh, hc // gh, gw, wc // gw).mean(dim=(1, 3)).float()  # fraction of each cell covered
+    # each pixel repeated (gh, gw) times: cell (i, j) is then exactly hc x wc sub-pixels
+    fine = np.repeat(np.repeat(m, gh, axis=0), gw, axis=1)
+    m = torch.from_numpy(fine.reshape(gh, hc, gw, wc).mean(axis=(1, 3))).float()  # fraction of each cell covered
     if flip:
         m = torch.flip(m, dims=[-1])
     return (feat * m).mean(dim=(1, 2))
@@ -202,6 +204,7 @@ def test_cached_z_equals_direct_masked_forward_and_pool(data: dict[str, Any], r1
         f = res[layer]
         assert not f.hit and f.layer == layer
         assert f.z.shape[1] == {"layer3": 256, "layer4": 512}[layer]
+        assert tuple(direct[(0, 0)][0][layer].shape[1:]) == {"layer3": (6, 6), "layer4": (3, 3)}[layer]
         rows = _rows(f)
         n_pairs = sum(len(m) for m in data["truth"].values())
         assert len(rows) == n_pairs * len(views)
@@ -262,8 +265,8 @@ def test_changed_inputs_are_a_cache_miss(data: dict[str, Any], r18: TargetModel)
     assert not crop.hit and crop.key != base.key
     assert not torch.equal(crop.z, base.z)
     # another input size (the model's preprocessing)
-    r18_96 = load_model("resnet18", "none", input_size=96)
-    other = reference_features(st, r18_96, ["layer4"], split, ix.digest, views=full, workers=0)["layer4"]
+    r18_64 = load_model("resnet18", "none", input_size=64)
+    other = reference_features(st, r18_64, ["layer4"], split, ix.digest, views=full, workers=0)["layer4"]
     assert not other.hit and other.key != base.key
 
 

@@ -87,6 +87,12 @@ def factory_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def r18() -> nn.Module:
+    """resnet18, random init (read only)."""
+    return load_model("resnet18", "none").module
+
+
 def _one_line(e: BaseException) -> str:
     msg = str(e)
     assert msg.strip() and "\n" not in msg, f"not one line: {msg!r}"
@@ -128,8 +134,8 @@ def test_weights_file_of_the_right_architecture_is_loaded(tmp_path: Path) -> Non
     assert tm.weights_digest != load_model("resnet18", "none").weights_digest
 
 
-def test_default_layer_of_resnet18_is_layer4() -> None:
-    assert default_layer(load_model("resnet18", "none").module, 64) == "layer4"
+def test_default_layer_of_resnet18_is_layer4(r18: nn.Module) -> None:
+    assert default_layer(r18, 64) == "layer4"
 
 
 @pytest.mark.parametrize("arch", ["vgg11", "alexnet"])
@@ -141,8 +147,9 @@ def test_default_layer_of_vgg_and_alexnet_is_features(arch: str) -> None:
     assert default_layer(net, 224) == "features"
 
 
-def test_layer_shapes_of_resnet18() -> None:
-    shapes = dict(layer_shapes(load_model("resnet18", "none").module, 64))
+def test_layer_shapes_of_resnet18(r18: nn.Module) -> None:
+    listed = layer_shapes(r18, 64)
+    shapes = dict(listed)
     assert shapes["conv1"] == (64, 32, 32)
     assert shapes["layer1"] == (64, 16, 16)
     assert shapes["layer2"] == (128, 8, 8)
@@ -151,12 +158,12 @@ def test_layer_shapes_of_resnet18() -> None:
     assert shapes["layer4.1.conv2"] == (512, 2, 2)
     assert shapes["avgpool"] == (512, 1, 1)
     assert shapes["fc"] == (1000,)
-    names = [n for n, _ in layer_shapes(load_model("resnet18", "none").module, 64)]
+    names = [n for n, _ in listed]
     assert names.index("layer3") < names.index("layer4") < names.index("fc")
 
 
-def test_capture_returns_the_named_layer_output() -> None:
-    net = load_model("resnet18", "none").module
+def test_capture_returns_the_named_layer_output(r18: nn.Module) -> None:
+    net = r18
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), capture(net, ["layer3", "layer4"]) as feats:
         net(x)
@@ -192,7 +199,7 @@ def test_factory_by_package_module(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert tm.name == f"{pkg}.nets:build_pre"
     finally:
         for mod in [m for m in sys.modules if m == pkg or m.startswith(pkg + ".")]:
-            monkeypatch.delitem(sys.modules, mod)
+            sys.modules.pop(mod, None)
 
 
 def test_factory_preprocessing_is_used_and_options_override_it(factory_file: Path) -> None:
@@ -231,8 +238,8 @@ def test_unknown_model_lists_near_names() -> None:
     assert "resnet19" in msg and "resnet18" in msg
 
 
-def test_unknown_layer_lists_nearest_names() -> None:
-    net = load_model("resnet18", "none").module
+def test_unknown_layer_lists_nearest_names(r18: nn.Module) -> None:
+    net = r18
     with pytest.raises(LaviseError) as ei:
         resolve_layer(net, "layer5")
     msg = _one_line(ei.value)
@@ -380,3 +387,23 @@ def test_cli_layers_lists_shapes_and_default(cli: Any) -> None:
     doc = cli.json("layers", "resnet18", "--input-size", "64", "--all")
     assert {d["name"]: d["shape"] for d in doc["layers"]}["fc"] == [1000]
     json.dumps(doc)
+
+
+def test_weights_that_cannot_be_downloaded_name_the_offline_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Any
+) -> None:
+    # No network, made certain: an empty hub cache and a proxy that refuses every connection.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(LaviseError) as ei:
+        load_model("resnet18")  # DEFAULT weights
+    msg = _one_line(ei.value)
+    assert "--weights PATH" in msg and "--weights none" in msg
+    result = cli("layers", "resnet18", "--weights", "DEFAULT")
+    text = result.output + result.stderr
+    assert result.exit_code != 0 and "Traceback" not in text
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "--weights PATH" in errors[0] and "--weights none" in errors[0], text

@@ -21,7 +21,7 @@ from lavise_cli.data.images import View, apply_view_image, normalize, read_rgb
 from lavise_cli.errors import LaviseError
 from lavise_cli.models import load_model
 from lavise_cli.store import Store
-from lavise_cli.target import QUANTILE, RunningTopK, folder_target, target_pass
+from lavise_cli.target import QUANTILE, SHARD_IMAGES, RunningTopK, folder_target, target_pass
 
 UNEVEN = (1, 7, 300, 13, 2, 64, 5)
 
@@ -258,20 +258,24 @@ def test_target_pass_threshold_and_stats_match_cached_maps(tmp_path: Path, tiny_
     assert torch.equal(again.maps([3, 0]), maps[[3, 0]])
 
 
-def test_target_pass_maps_span_several_shards(tmp_path: Path, tiny_model, monkeypatch) -> None:
-    """Rows in several shards come back in the order asked for."""
-    import lavise_cli.target as target_mod
-
-    monkeypatch.setattr(target_mod, "SHARD_IMAGES", 4)  # a size, not a behaviour: exercises shard splitting
+def test_target_pass_maps_span_several_shards(tmp_path: Path, tiny_model) -> None:
+    """More images than one shard holds (SHARD_IMAGES): rows across shards come back in the order asked."""
+    n = SHARD_IMAGES + 9
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)).save(folder / f"m{i:04d}.png")
     store = Store(tmp_path / "home")
-    good = _write_folder(tmp_path / "imgs", n_good=11)
-    cache = target_pass(store, tiny_model, "feat", folder_target(tmp_path / "imgs"), batch_size=3, workers=0)
-    assert cache.n == len(good)
-    assert len(list(cache.root.glob("maps-*.safetensors"))) == math.ceil(len(good) / 4)
+    cache = target_pass(store, tiny_model, "feat", folder_target(folder), batch_size=50, workers=0)
+    assert cache.n == n
+    assert len(list(cache.root.glob("maps-*.safetensors"))) == 2
     every = cache.maps(torch.arange(cache.n))
-    order = [10, 0, 5, 4, 3, 9]
+    order = [n - 1, 0, SHARD_IMAGES, SHARD_IMAGES - 1, 3, SHARD_IMAGES + 1]
     assert torch.equal(cache.maps(order), every[order])
     assert torch.equal(every.flatten(2).amax(2), cache.img_max)
+    d = cache.shape[0]
+    _assert_exact_quantile(cache.threshold, every.permute(1, 0, 2, 3).reshape(d, -1))
 
 
 def test_folder_target_errors(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .data.images import View, apply_view_image, normalize, read_rgb
 from .data.index import load_index
@@ -122,34 +123,58 @@ def vocabulary_for(session: Session, source: str = "default", size: int | None =
     return build_vocabulary(emb, session.meta["concepts"], source, size)
 
 
-def image_masking_inputs(session: Session, batch: int = 64):
-    """``z`` for (rows, filters): the image outside the filter's region set to the dataset mean, re-run."""
-    size = session.size
-    net = session.model.module.to(session.device)
-    layer = session.meta["layer"]
+def image_masking_inputs(session: Session, filters: Sequence[int], p: int, batch: int = 64, progress: Any = None):
+    """``z`` for (rows, filters): the image outside the filter's region set to the dataset mean, re-run.
 
-    def fn(rows: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
-        outs = []
-        uniq, inv = torch.unique(rows, return_inverse=True)
-        maps = session.cache.maps(uniq)
+    This is the one method that runs the backbone again, once per (filter, top image) pair, so all
+    pairs are computed in one go and cached beside the target pass; the returned function looks
+    them up.
+    """
+    size = session.size
+    cache = session.cache
+    filt = torch.as_tensor(list(filters), dtype=torch.long)
+    top = top_images(cache, p)[filt]  # (F, p) exactly as explain_filters picks them
+    pair_f = filt.repeat_interleave(top.shape[1])
+    pair_r = top.reshape(-1)
+    path = cache.root / f"image-masking-{stable_digest([filt.tolist(), top.tolist()])[:16]}.safetensors"
+    if path.exists():
+        z = load_file(str(path))["z"].float()
+    else:
+        net = session.model.module.to(session.device)
+        layer = session.meta["layer"]
         pre = session.model.preprocess
-        imgs = torch.stack([normalize(apply_view_image(read_rgb(session.target.paths[int(session.cache.rows[r])]),
-                                                       View(), size), pre.mean, pre.std) for r in uniq.tolist()])
+        order = torch.argsort(pair_r, stable=True)  # group pairs by image: each image decoded once
+        z = torch.empty(len(pair_r), cache.shape[0])
+        task = progress.add_task("image masking (backbone per pair)", total=len(order), unit="pair") \
+            if progress is not None else None
         with torch.inference_mode(), capture(net, [layer]) as feats:
-            for s in range(0, len(rows), batch):
-                ii, ff = inv[s:s + batch], filt[s:s + batch]
-                keep = regions(maps[ii], ff, session.cache.threshold, size)  # (b, S, S)
-                x = imgs[ii] * keep[:, None].to(imgs.dtype)  # normalised space: 0 is the dataset mean
+            for s0 in range(0, len(order), batch):
+                sel = order[s0:s0 + batch]
+                uniq, inv = torch.unique(pair_r[sel], return_inverse=True)
+                maps = cache.maps(uniq)
+                imgs = torch.stack([normalize(apply_view_image(read_rgb(session.target.paths[int(cache.rows[r])]),
+                                                               View(), size), pre.mean, pre.std) for r in uniq.tolist()])
+                keep = regions(maps[inv], pair_f[sel], cache.threshold, size)  # (b, S, S)
+                x = imgs[inv] * keep[:, None].to(imgs.dtype)  # normalised space: 0 is the dataset mean
                 net(x.to(session.device))
-                outs.append(feats[layer].float().flatten(2).mean(2).cpu())
-        return torch.cat(outs)
+                z[sel] = feats[layer].float().flatten(2).mean(2).cpu()
+                if task is not None:
+                    progress.advance(task, len(sel))
+        tmp = path.with_suffix(".tmp")
+        save_file({"z": z.half().contiguous()}, str(tmp))
+        tmp.replace(path)
+    where = {(int(u), int(r)): i for i, (u, r) in enumerate(zip(pair_f.tolist(), pair_r.tolist()))}
+
+    def fn(rows: torch.Tensor, filt_rows: torch.Tensor) -> torch.Tensor:
+        idx = torch.tensor([where[(int(u), int(r))] for u, r in zip(filt_rows.tolist(), rows.tolist())])
+        return z[idx]
 
     return fn
 
 
 def run_explain(session: Session, filters: Sequence[int], method: str, vocab: Vocabulary, *, p: int, s: int, k: int,
                 progress: Any = None, netdissect_words: torch.Tensor | None = None) -> Explanation:
-    masked = image_masking_inputs(session) if method == "image-masking" else None
+    masked = image_masking_inputs(session, filters, p, progress=progress) if method == "image-masking" else None
     return explain_filters(session.explainer if method != "netdissect" else None, session.cache, vocab, filters,
                            method=method, p=p, s=s, k=k, masked_inputs=masked, fixed_words=netdissect_words,
                            progress=progress)

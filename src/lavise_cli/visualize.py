@@ -123,22 +123,27 @@ Segment = tuple[str, tuple[int, int, int]]  # (text, colour)
 def wrap_segments(segments: Sequence[Segment], f: Any, width: int, max_lines: int, sep: str = "  "
                   ) -> list[list[Segment]]:
     """Coloured words laid out in at most ``max_lines`` lines of ``width`` px; overflow ends in '…'."""
+    ell = "…"
+    sep_w, ell_w = f.getlength(sep), f.getlength(ell)
     lines: list[list[Segment]] = [[]]
     used = 0.0
-    sep_w = f.getlength(sep)
-    for k, (text, colour) in enumerate(segments):
+    for text, colour in segments:
+        if f.getlength(text) > width:  # one word longer than a line: cut it
+            while len(text) > 1 and f.getlength(text + ell) > width:
+                text = text[:-1]
+            text += ell
         w = f.getlength(text)
         add = w + (sep_w if lines[-1] else 0)
         if lines[-1] and used + add > width:
-            if len(lines) == max_lines:
-                lines[-1].append(("…", MUTED))
+            if len(lines) == max_lines:  # no room left: end the last line with an ellipsis that fits
+                line = lines[-1]
+                while line and used + sep_w + ell_w > width:
+                    t, _ = line.pop()
+                    used -= f.getlength(t) + (sep_w if line else 0)
+                line.append((ell, MUTED))
                 return lines
             lines.append([])
             used, add = 0.0, w
-        if not lines[-1] and w > width:  # one word longer than the line: cut it
-            while text and f.getlength(text + "…") > width:
-                text = text[:-1]
-            text, w, add = text + "…", f.getlength(text + "…"), f.getlength(text + "…")
         lines[-1].append((text, colour))
         used += add
     return lines
@@ -263,7 +268,9 @@ def _image_word_dicts(img: dict[str, Any], filter_words: set[str], concepts: set
 def _title(doc: dict[str, Any] | None, entry: dict[str, Any]) -> str:
     parts = [f"filter {entry['filter']}"]
     if doc:
-        parts += [f"{doc.get('model', '')} {doc.get('layer', '')}".strip(), doc.get("method", "")]
+        model = str(doc.get("model", ""))
+        model = Path(model).name if "/" in model or "\\" in model else model  # a factory file: its name
+        parts += [f"{model} {doc.get('layer', '')}".strip(), doc.get("method", "")]
         st = doc.get("settings", {})
         if st:
             parts.append(f"words over top {st.get('p')} images")
@@ -435,7 +442,7 @@ main{padding:12px 24px}
 .strip{display:flex;flex-wrap:wrap;gap:4px}
 .strip img{display:block;background:#eee;border-radius:3px}
 .rate{display:none;border:0;margin:8px 0 0;padding:0;gap:14px;align-items:center}
-.rate legend{float:left;margin-right:8px;color:var(--muted)}
+.rate legend{float:left;margin-right:8px;color:var(--muted)}.rate small{color:var(--muted)}
 .instructions{display:none;margin:0;padding:6px 24px;background:#fff8e1;border-bottom:1px solid var(--line)}
 body.eval .rate{display:flex}body.eval .instructions{display:block}
 body.eval .rec,body.eval .w small{display:none}
@@ -568,12 +575,11 @@ def report_html(doc: dict[str, Any], evaluation: dict[str, Any] | None, thumbs: 
             if name is None:
                 continue
             tip = f"#{q + 1} {Path(t['path']).name}: {', '.join(t.get('words', []))}"
-            imgs.append(f'<img loading="lazy" src="{files_url}/{name}" width="{thumb}" height="{thumb}" '
-                        f'alt="" title="{e(tip)}">')
+            imgs.append(f'<img loading="lazy" src="{files_url}/{name}" alt="" title="{e(tip)}">')
         status = ('<span class="inactive">inactive: its top 0.5 % never rises above 0</span>' if f["inactive"]
                   else "")
         rec = f'<span class="rec">{rlabel} {_fmt(r, 2)}</span>' if rkey else ""
-        rate = "".join(f'<label title="{e(t)}"><input type="radio" name="r{u}" value="{v}">{v}</label>'
+        rate = "".join(f'<label><input type="radio" name="r{u}" value="{v}">{v} <small>{e(t)}</small></label>'
                        for v, t in RATING_SCALE)
         cards.append(
             f'<section class="card" id="f{u}" data-filter="{u}" data-recall="{"" if r is None else f"{r:.6g}"}" '
@@ -587,7 +593,8 @@ def report_html(doc: dict[str, Any], evaluation: dict[str, Any] | None, thumbs: 
     scale = ", ".join(f"{v} = {t}" for v, t in RATING_SCALE)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>LaViSE · {e(str(doc.get('explainer')))} · {e(method)}</title><style>{_CSS}</style></head>
+<title>LaViSE · {e(str(doc.get('explainer')))} · {e(method)}</title>
+<style>{_CSS}.strip img{{width:{thumb}px;height:{thumb}px}}</style></head>
 <body data-key="{e(key)}">
 <header><h1>What the filters of {e(str(doc.get('model')))} {e(str(doc.get('layer')))} see</h1>
 <div class="meta"><table class="settings">{srows}</table><div>{recall_html}</div></div>
