@@ -500,11 +500,6 @@ def test_cli_model_changed_since_training(trained: dict[str, Any], tmp_path: Pat
     assert run_cli(trained["home"], "-q", "explain", "-f", "0", "--json").exit_code == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the target-pass cache key (src/lavise_cli/target.py target_pass: inputs['model'] = model.key(), "
-    "models.py TargetModel.key) holds the factory spec and the weights digest but not the factory's code, so "
-    "after editing a factory's forward (same parameters) explain silently reuses the stale cached maps of the old "
-    "layer (d=6) instead of recomputing them and reporting the d mismatch"))
 def test_cli_model_code_changed_is_not_served_from_stale_cache(trained: dict[str, Any]) -> None:
     factory: Path = trained["factory"]
     original = factory.read_text()
@@ -608,13 +603,6 @@ def test_cli_evaluate_json(trained: dict[str, Any]) -> None:
     assert Path(doc["per_filter_saved"]).is_file()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: netdissect with more words per image than evaluation concepts crashes with a RuntimeError traceback: "
-    "pipeline.netdissect_words returns ranked[:, :s], i.e. min(s, C) columns, but explain.explain_filters does "
-    "fixed_words[:, None, :s_eff].expand(nf, p, s_eff) with s_eff = min(s, len(vocab.words)) (vocab.words is the "
-    "whole vocabulary, not the C concepts). Here C = 3: `lavise explain --method netdissect -s 5` and "
-    "`lavise evaluate --methods netdissect --recall 5` (any dataset with fewer than max(--recall) concepts, e.g. "
-    "the default 20) fail with 'The expanded size of the tensor (5) must match the existing size (3)'"))
 def test_netdissect_with_more_words_than_concepts(trained: dict[str, Any]) -> None:
     home = trained["home"]
     res = run_cli(home, "-q", "explain", "-f", "1", "--method", "netdissect", "-s", "5", "-p", "3", "--json")
@@ -639,12 +627,6 @@ RANDOM_HEAD_FACTORY = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: models.load_model seeds random initialisation for torchvision models (`--weights none`) but not for "
-    "factories (`file.py:build`): a factory whose module has randomly initialised parameters gets another "
-    "weights digest at every load, so an explainer trained on it can never be used again (`lavise explain` "
-    "always says 'its weights changed; train the explainer again'). Expected: the factory call runs under "
-    "torch.random.fork_rng + manual_seed(0), like the torchvision path"))
 def test_factory_with_random_init_loads_repeatably(tmp_path: Path) -> None:
     from lavise_cli.models import load_model
 

@@ -186,6 +186,8 @@ def build_vocabulary(
     - ``raw``: the concepts plus the embedding's ``size`` most frequent alphabetic words (default 20,000);
     - a path to a text file: one word or phrase per line (``#`` comments allowed).
     """
+    if size is not None and size < 1:
+        raise LaviseError("--vocab-size must be at least 1")
     words: list[str] = []
     seen: set[str] = set()
 

@@ -136,7 +136,7 @@ def explain_filters(
     top = top_images(cache, p)[filt]  # (F, p)
     p = top.shape[1]
     nf = len(filt)
-    s_eff = min(s, len(vocab.words))
+    s_eff = min(s, len(vocab.words) if fixed_words is None else fixed_words.shape[1])
     words_idx = torch.zeros(nf, p, s_eff, dtype=torch.long)
     words_sim = torch.zeros(nf, p, s_eff)
     if fixed_words is not None:

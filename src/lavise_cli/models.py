@@ -47,8 +47,9 @@ class TargetModel:
     info: dict[str, Any] = field(default_factory=dict)
 
     def key(self) -> dict[str, Any]:
+        """Everything the model's outputs depend on: caches are keyed by it."""
         return {"model": self.name, "weights": self.weights, "weights_digest": self.weights_digest,
-                "preprocess": self.preprocess.as_dict()}
+                "code": self.info.get("code_digest"), "preprocess": self.preprocess.as_dict()}
 
 
 def state_dict_digest(module: nn.Module) -> str:
@@ -96,8 +97,10 @@ def _load_factory(spec: str) -> tuple[nn.Module, dict[str, Any]]:
     if fn is None or not callable(fn):
         raise LaviseError(f"{target!r} has no callable {attr!r} (factory {spec!r})")
     try:
-        # A factory that prints must not corrupt `--json` on stdout.
-        with contextlib.redirect_stdout(sys.stderr):
+        # A factory that prints must not corrupt `--json` on stdout; its random init is seeded so
+        # that the same factory gives the same weights (and cache keys) every time.
+        with contextlib.redirect_stdout(sys.stderr), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
             result = fn()
     except Exception as e:
         raise LaviseError(f"factory {spec!r} failed: {type(e).__name__}: {e}") from None
@@ -107,7 +110,17 @@ def _load_factory(spec: str) -> tuple[nn.Module, dict[str, Any]]:
     if not isinstance(result, nn.Module):
         raise LaviseError(f"factory {spec!r} returned {type(result).__name__}, not a torch.nn.Module")
     pre = {**getattr(result, "lavise_preprocess", {}), **pre}
+    pre["code_digest"] = _code_digest(module)
     return result, pre
+
+
+def _code_digest(module: Any) -> str | None:
+    """sha256 of a factory's source file, so that editing the model's code invalidates caches."""
+    path = getattr(module, "__file__", None)
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    except OSError:
+        return None
 
 
 def load_model(
@@ -184,7 +197,9 @@ def load_model(
     if len(prep.mean) != 3 or len(prep.std) != 3:
         raise LaviseError("--mean and --std take three comma-separated numbers (R,G,B)")
     digest = state_dict_digest(module)
-    return TargetModel(module=module, name=spec, weights=weights_id, weights_digest=digest, preprocess=prep)
+    code = pre.get("code_digest") if ":" in spec else f"torchvision {torchvision.__version__}"
+    return TargetModel(module=module, name=spec, weights=weights_id, weights_digest=digest, preprocess=prep,
+                       info={"code_digest": code})
 
 
 def _load_state_dict(module: nn.Module, path: Path, spec: str) -> None:

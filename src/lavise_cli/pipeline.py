@@ -298,5 +298,5 @@ def nan_to_none(x: Any) -> Any:
     return x
 
 
-__all__ = ["METHODS", "ALL_METHODS", "Session", "open_session", "vocabulary_for", "run_explain", "evaluate_methods",
+__all__ = ["METHODS", "ALL_METHODS", "Session", "open_explainer", "open_session", "vocabulary_for", "run_explain", "evaluate_methods",
            "parse_filters", "explanation_doc", "save_result", "netdissect_words"]

@@ -19,6 +19,7 @@ from ..pipeline import (
     explanation_doc,
     nan_to_none,
     netdissect_words,
+    open_explainer,
     open_session,
     run_explain,
     save_result,
@@ -78,6 +79,8 @@ def explain(
         raise LaviseError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if min(words_per_image, images_per_filter, top) < 1:
         raise LaviseError("-s, -p and -k must be at least 1")
+    # Check the filters against the explainer before the (possibly long) target pass.
+    parse_filters(filters, int(open_explainer(state.store, explainer)[1].meta["d"]), all_filters)
     with progress() as prog:
         ses = open_session(state.store, explainer, datasets=dataset, split=split, images=image_dir, model=model,
                            layer=layer, device=device, batch_size=batch_size, progress=prog)
@@ -159,6 +162,7 @@ def evaluate(
     for m in chosen_methods:
         if m not in ALL_METHODS:
             raise LaviseError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)} or all")
+    parse_filters(filters, int(open_explainer(state.store, explainer)[1].meta["d"]), filters is None)
     with progress() as prog:
         ses = open_session(state.store, explainer, datasets=dataset, split=split, model=model, layer=layer,
                            device=device, batch_size=batch_size, progress=prog)
