@@ -52,6 +52,10 @@ _EXPORTS = {
     "explain_filters": "explain",
     "parse_filters": "explain",
     "recall_at": "evaluate",
+    "render_heatmap": "visualize",
+    "heatmap_paths": "visualize",
+    "build_report": "visualize",
+    "highlight": "visualize",
 }
 
 __all__ = ["__version__", *_EXPORTS]

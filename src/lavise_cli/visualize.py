@@ -292,7 +292,8 @@ def render_heatmap(session: Any, entry: dict[str, Any], n: int = 5, *, doc: dict
     imgs, reg = load_tiles(session, [t["row"] for t in tops], [t["path"] for t in tops], [u] * len(tops))
     concepts = set(session.meta["concepts"]) if getattr(session, "meta", None) else None
     fw = {w["word"] for w in entry["words"]}
-    captions = [(f"#{q + 1}  max {t['max_activation']:.3g}  {Path(t['path']).name}",
+    empty = ~reg.flatten(1).any(1)
+    captions = [(f"#{q + 1}  max {t['max_activation']:.3g}  " + ("no region" if empty[q] else Path(t["path"]).name),
                  _image_word_dicts(t, fw, concepts)) for q, t in enumerate(tops)]
     note = "inactive: its top 0.5 % never rises above 0" if entry.get("inactive") else None
     return render_figure(imgs, reg, title=_title(doc, entry), words=[] if note else entry["words"],
@@ -338,13 +339,15 @@ def files_dir_for(out_file: Path) -> Path:
 
 
 def render_thumbnails(session: Any, doc: dict[str, Any], folder: Path, n_images: int, thumb: int,
-                      progress: Any = None, batch: int = 128, quality: int = 85) -> dict[tuple[int, int], str]:
+                      progress: Any = None, batch: int = 128, quality: int = 85
+                      ) -> dict[tuple[int, int], tuple[str, int]]:
     """Highlighted JPEG thumbnails ``f{u:04d}-{q:02d}.jpg`` for every filter's first ``n_images`` images.
 
     Work is grouped by image: (filter, image) pairs are sorted by target row and handled in
     batches, so each image is decoded once per batch and the cached maps are read shard by shard.
     The region and outline are computed at the model's input size, then the highlighted image is
-    resized to ``thumb`` px (the outline is drawn thick enough to survive the resize).
+    resized to ``thumb`` px (the outline is drawn thick enough to survive the resize).  Returns
+    ``{(filter, q): (file name, region area in pixels at the input size)}``.
     """
     size = session.size
     width = max(WIDTH, round(1.5 * size / max(thumb, 1)))
@@ -354,7 +357,7 @@ def render_thumbnails(session: Any, doc: dict[str, Any], folder: Path, n_images:
             pairs.append((int(t["row"]), int(e["filter"]), q, t["path"]))
     pairs.sort(key=lambda x: (x[0], x[1], x[2]))
     task = progress.add_task("report thumbnails", total=len(pairs), unit="img") if progress is not None else None
-    names: dict[tuple[int, int], str] = {}
+    names: dict[tuple[int, int], tuple[str, int]] = {}
     for s in range(0, len(pairs), batch):
         chunk = pairs[s:s + batch]
         rows = [c[0] for c in chunk]
@@ -369,6 +372,7 @@ def render_thumbnails(session: Any, doc: dict[str, Any], folder: Path, n_images:
         idx = torch.tensor([pos[r] for r in rows], dtype=torch.long)
         filt = torch.tensor([c[1] for c in chunk], dtype=torch.long)
         reg = regions(maps[idx], filt, session.cache.threshold, size)
+        area = reg.flatten(1).sum(1).tolist()
         hl = highlight(imgs[idx], reg, width=width)
         if thumb != size:
             with _one_thread():
@@ -377,7 +381,7 @@ def render_thumbnails(session: Any, doc: dict[str, Any], folder: Path, n_images:
         for k, (_, u, q, _) in enumerate(chunk):
             name = f"f{u:04d}-{q:02d}.jpg"
             Image.fromarray(pixels[k], "RGB").save(folder / name, format="JPEG", quality=quality)
-            names[(u, q)] = name
+            names[(u, q)] = (name, int(area[k]))
         if task is not None:
             progress.advance(task, len(chunk))
     return names
@@ -522,7 +526,7 @@ apply();
 RATING_SCALE = ((1, "no match"), (2, "weak"), (3, "partly"), (4, "mostly"), (5, "exactly"))
 
 
-def report_html(doc: dict[str, Any], evaluation: dict[str, Any] | None, thumbs: dict[tuple[int, int], str],
+def report_html(doc: dict[str, Any], evaluation: dict[str, Any] | None, thumbs: dict[tuple[int, int], tuple[str, int]],
                 files_url: str, n_images: int, thumb: int, *, meta: dict[str, Any] | None = None) -> str:
     """The report page as a string: settings and recall at the top, then one card per filter."""
     e = html.escape
@@ -571,10 +575,12 @@ def report_html(doc: dict[str, Any], evaluation: dict[str, Any] | None, thumbs: 
                         f' <small>({w["images"]})</small></span>' for w in f["words"])
         imgs = []
         for q, t in enumerate(f["top_images"][:n_images]):
-            name = thumbs.get((u, q))
-            if name is None:
+            if (u, q) not in thumbs:
                 continue
+            name, area = thumbs[(u, q)]
             tip = f"#{q + 1} {Path(t['path']).name}: {', '.join(t.get('words', []))}"
+            if not area:
+                tip += " (no region: no pixel of the upsampled map reaches T)"
             imgs.append(f'<img loading="lazy" src="{files_url}/{name}" alt="" title="{e(tip)}">')
         status = ('<span class="inactive">inactive: its top 0.5 % never rises above 0</span>' if f["inactive"]
                   else "")
@@ -601,7 +607,9 @@ def report_html(doc: dict[str, Any], evaluation: dict[str, Any] | None, thumbs: 
 <p class="legend">Each image shows the filter's region: its activation map upsampled bilinearly to the
 {e(str(meta.get('preprocess', {}).get('input_size', '')) if meta else '')} px input and kept where it is at
 least the filter's threshold T (the 0.995 quantile of its activations over the target set; ties count), outlined
-in yellow; the rest is dimmed. Words are ranked by how many top images named them (count in brackets);
+in yellow; the rest is dimmed (an image with nothing highlighted: the filter's peak there is an isolated cell,
+which the bilinear upsampling does not keep at T). Words are ranked by how many top images named them (count in
+brackets);
 <span class="novel">word*</span> = novel, not among the explainer's training concepts.</p></header>
 <div class="tools"><label>sort <select id="sort"><option value="filter">filter id</option>{recall_sort}</select></label>
 <label>word <input id="word" type="search" placeholder="contains…"></label>
