@@ -238,7 +238,7 @@ def environment() -> str:
                 break
     return (f"python {sys.version.split()[0]}, torch {torch.__version__}, "
             f"torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
-            f"cpu cores {os.cpu_count()} ({cpu})")
+            f"cpu cores {os.cpu_count()} ({cpu}), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
 
 def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--embedding-dim", type=int, default=300, help="e (default 300)")
     ap.add_argument("--concepts", type=int, default=80, help="concepts (default 80)")
     ap.add_argument("--batch", type=int, default=256, help="explainer batch size (default 256)")
-    ap.add_argument("--epochs", type=int, default=3, help="timed epochs per d in part 1 (default 3)")
+    ap.add_argument("--epochs", default="3,2", help="timed epochs in part 1, one per d or one for all (default 3,2)")
     ap.add_argument("--images", type=int, default=64, help="generated images in part 2 (default 64, 640x480)")
     ap.add_argument("--train-epochs", type=int, default=10, help="epochs of both trains in part 2 (default 10)")
     ap.add_argument("--workers", type=int, default=None, help="feature-pass DataLoader workers (default: lavise's choice)")
@@ -161,8 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_epochs:
         print(f"\npart 1: train_explainer over {args.pairs} cached pairs ({load()})")
         rows = []
-        for d in [int(x) for x in args.dims.split(",")]:
-            walls, cpus = epoch_times(args.pairs, d, args.embedding_dim, args.concepts, args.epochs, args.batch)
+        dims = [int(x) for x in args.dims.split(",")]
+        epochs = [int(x) for x in args.epochs.split(",")]
+        epochs = (epochs * len(dims))[:len(dims)] if len(epochs) == 1 else epochs + [epochs[-1]] * (len(dims) - len(epochs))
+        for d, n_ep in zip(dims, epochs):
+            walls, cpus = epoch_times(args.pairs, d, args.embedding_dim, args.concepts, n_ep, args.batch)
             later = walls[1:] or walls
             rows.append([f"d={d}", args.pairs, args.batch, ", ".join(f"{w:.2f}" for w in walls),
                          statistics.median(later), min(walls), statistics.median(cpus[1:] or cpus)])

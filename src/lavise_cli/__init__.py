@@ -15,7 +15,12 @@ shell over the functions re-exported here, so that a notebook can do everything 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# torch's OpenMP threads busy-wait at every sync point; when the other cores are busy that costs
+# 5-40x on small tensor work (measured in benchmarks/). Passive waiting, unless the user chose.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
