@@ -27,20 +27,14 @@ from ..store import stable_digest
 from ..visualize import build_report, files_dir_for, heatmap_paths
 from .app import app
 from .common import emit_json, handle_errors, info, out, progress, state
+from .explain_cmd import _BATCH, _DATASET, _DEVICE, _EXPLAINER, _SPLIT, _VOCAB, _VOCAB_SIZE  # shared options
 
-_EXPLAINER = typer.Option(None, "--explainer", "-e", help="Explainer name (default: the latest trained).")
 _METHOD = typer.Option("attention", "--method", "-m", help=f"One of: {', '.join(METHODS)}.")
 _P = typer.Option(25, "--explain-images", "-p",
                   help="Top images the words are gathered over (explain's -p); the pictures show the first of them.")
 _S = typer.Option(5, "--words-per-image", "-s", help="Words per top image (explain's -s).")
 _K = typer.Option(5, "--top", "-k", help="Words shown per filter (explain's -k).")
-_DATASET = typer.Option([], "--dataset", help="Labelled target set(s) (default: the explainer's datasets).")
-_SPLIT = typer.Option("val", "--split", help="Split of the target dataset(s).")
 _IMAGE_DIR = typer.Option(None, "--image-dir", help="Use a folder of plain images as the target set instead.")
-_VOCAB = typer.Option("default", "--vocab", help="default, concepts, raw, or a file with one word/phrase per line.")
-_VOCAB_SIZE = typer.Option(None, "--vocab-size", help="Frequency rank limit of vocabulary words (default 30000).")
-_DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N, mps.")
-_BATCH = typer.Option(32, "--batch-size", help="Images per batch in the target pass.")
 
 
 def _explain(explainer: Optional[str], filters: Optional[str], all_filters: bool, method: str, p: int, s: int, k: int,
