@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+import torchvision.transforms.v2.functional as TF2
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
@@ -139,9 +140,13 @@ def direct_features(model: TargetModel, image_file: Path, box: tuple[float, ...]
     for a, s in ((x0, w0), (y0, h0), (x1, w0), (y1, h0)):
         assert float(a * s).is_integer(), "test images must put the crop on whole pixels"
     left, top, right, bottom = (int(v) for v in np.rint([x0 * w0, y0 * h0, x1 * w0, y1 * h0]))
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+    # torchvision's v2 pipeline (what transforms.v2.Resize runs): crop and resize the uint8 image
+    # natively, then scale to [0, 1]
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1)
     x = TF.crop(x, top, left, bottom - top, right - left)
-    x = TF.resize(x, [SIZE, SIZE], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    x = TF2.resize(x, [SIZE, SIZE], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    assert x.dtype == torch.uint8
+    x = x.float() / 255.0
     if flip:
         x = TF.hflip(x)
     x = TF.normalize(x, list(model.preprocess.mean), list(model.preprocess.std))

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from lavise_cli.data.index import preprocess
 from lavise_cli.download import register_coco

@@ -14,18 +14,18 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .data.images import View, apply_view_image, apply_view_masks, normalize, read_rgb
+from .data.images import View, apply_view_masks, model_input, read_rgb
 from .data.index import SplitIndex
+from .data.loader import image_batches
 from .errors import DataError
-from .models import TargetModel, capture, layer_shapes
+from .models import TargetModel, capture, default_workers, forward_to, layer_shapes
 from .store import Store, atomic_write_json, stable_digest
 
 SHARD_PAIRS = 65536
@@ -79,7 +79,7 @@ class _PairImages(Dataset):
         concepts, masks = self.split.masks(i)
         if img is None or tuple(img.shape[1:]) != tuple(masks.shape[1:]):
             return {"image": i, "ok": False}
-        x = torch.stack([normalize(apply_view_image(img, v, self.size), self.mean, self.std) for v in self.views])
+        x = torch.stack([model_input(img, v, self.size, self.mean, self.std) for v in self.views])
         m = {g: torch.stack([apply_view_masks(masks, v, g) for v in self.views]) for g in self.grids}
         return {"image": i, "ok": True, "x": x, "masks": m, "concepts": torch.from_numpy(concepts)}
 
@@ -160,9 +160,7 @@ def reference_features(
     ds = _PairImages(split, todo_images, views, model.preprocess.input_size, model.preprocess.mean,
                      model.preprocess.std, sorted({grids[layer][1:] for layer in todo}))
     if workers is None:
-        workers = 0 if (os.cpu_count() or 1) <= 2 and device.type == "cpu" else min(4, os.cpu_count() or 1)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+        workers = default_workers(device)
     net = model.module.to(device)
     if device.type != "mps":
         net = net.to(memory_format=torch.channels_last)
@@ -196,8 +194,9 @@ def reference_features(
         buffered = 0
 
     nv = len(views)
-    with torch.inference_mode(), capture(net, todo) as feats:
-        for batch in loader:
+    batches = image_batches(ds, batch_size, workers, device, _collate)
+    with torch.inference_mode(), capture(net, todo, stop=True) as feats:
+        for batch in batches:
             good = [it for it in batch if it["ok"]]
             state["skipped"].extend(int(it["image"]) for it in batch if not it["ok"])
             if good:
@@ -205,7 +204,7 @@ def reference_features(
                 if device.type != "mps":
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                    net(x)
+                    forward_to(net, x, feats)
                 # owner of each (image, view, concept) pair: its row in x
                 counts = torch.tensor([len(it["concepts"]) for it in good])
                 img_rows = torch.arange(len(good)).repeat_interleave(counts)  # (P0,)
@@ -254,3 +253,4 @@ def reference_features(
 
 def pair_images_count(split: SplitIndex) -> int:
     return int(np.count_nonzero(np.diff(split.offsets)))
+

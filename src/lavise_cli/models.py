@@ -7,6 +7,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -282,11 +283,21 @@ def default_layer(model: nn.Module, input_size: int = 224) -> str:
     return best
 
 
+class StopForward(Exception):
+    """Raised by :func:`capture`'s hooks once every wanted layer has its output."""
+
+
 @contextmanager
-def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Forward hooks that keep each named layer's output of the latest forward."""
+def capture(model: nn.Module, layers: Sequence[str], stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Forward hooks that keep each named layer's output of the latest forward.
+
+    With ``stop=True`` the forward ends as soon as every named layer has produced its output
+    (the rest of the network, e.g. a classifier head, is never run); run it with
+    :func:`forward_to`.
+    """
     feats: dict[str, torch.Tensor] = {}
     handles = []
+    wanted = set(layers)
     for name in layers:
         mod = resolve_layer(model, name)
 
@@ -294,6 +305,8 @@ def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, torch
             if not isinstance(o, torch.Tensor) or o.dim() != 4:
                 raise LaviseError(f"layer {name!r} does not output a 4-D feature map; pick another --layer")
             feats[name] = o
+            if stop and wanted.issubset(feats):
+                raise StopForward
 
         handles.append(mod.register_forward_hook(hook))
     try:
@@ -301,6 +314,16 @@ def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, torch
     finally:
         for h in handles:
             h.remove()
+
+
+def forward_to(net: nn.Module, x: torch.Tensor, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Run ``net(x)`` under a :func:`capture` with ``stop=True``; returns the captured outputs."""
+    feats.clear()
+    try:
+        net(x)
+    except StopForward:
+        pass
+    return feats
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -321,3 +344,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise LaviseError("device mps asked for but MPS is not available here; use --device cpu")
     return dev
+
+
+def default_workers(device: torch.device) -> int:
+    """DataLoader worker processes for a pass over images on ``device``.
+
+    Decoding and resizing overlap the forward in worker processes.  On a CPU the workers take
+    cores from the forward, so a quarter of them decode (none on two cores or fewer, at most
+    four); with an accelerator the CPU only decodes, so up to eight.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu":
+        # With 2 cores a worker process only slows the forward (measured: benchmarks/feature_pass.py).
+        return 0 if cores <= 2 else min(4, cores // 4)
+    return max(1, min(8, cores - 1))

@@ -10,14 +10,14 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data.images import View, apply_view_image, normalize, read_rgb
+from .data.images import View, model_input, read_rgb
 from .data.index import load_index
 from .embeddings import Vocabulary, build_vocabulary, load_embedding
 from .errors import LaviseError
 from .evaluate import ConceptSpace, ground_truth, netdissect_iou, recall_at, vocab_to_concepts
 from .explain import METHODS, Explanation, explain_filters, parse_filters, regions, top_images
 from .explainer import EXPLAINER_FILE, LoadedExplainer, load_explainer
-from .models import TargetModel, capture, load_model, resolve_device
+from .models import TargetModel, capture, forward_to, load_model, resolve_device
 from .store import Entry, Store, atomic_write_json, stable_digest
 from .target import TargetCache, TargetSet, folder_target, labelled_target, target_pass
 
@@ -147,16 +147,16 @@ def image_masking_inputs(session: Session, filters: Sequence[int], p: int, batch
         z = torch.empty(len(pair_r), cache.shape[0])
         task = progress.add_task("image masking (backbone per pair)", total=len(order), unit="pair") \
             if progress is not None else None
-        with torch.inference_mode(), capture(net, [layer]) as feats:
+        with torch.inference_mode(), capture(net, [layer], stop=True) as feats:
             for s0 in range(0, len(order), batch):
                 sel = order[s0:s0 + batch]
                 uniq, inv = torch.unique(pair_r[sel], return_inverse=True)
                 maps = cache.maps(uniq)
-                imgs = torch.stack([normalize(apply_view_image(read_rgb(session.target.paths[int(cache.rows[r])]),
-                                                               View(), size), pre.mean, pre.std) for r in uniq.tolist()])
+                imgs = torch.stack([model_input(read_rgb(session.target.paths[int(cache.rows[r])]), View(), size,
+                                                  pre.mean, pre.std) for r in uniq.tolist()])
                 keep = regions(maps[inv], pair_f[sel], cache.threshold, size)  # (b, S, S)
                 x = imgs[inv] * keep[:, None].to(imgs.dtype)  # normalised space: 0 is the dataset mean
-                net(x.to(session.device))
+                forward_to(net, x.to(session.device), feats)
                 z[sel] = feats[layer].float().flatten(2).mean(2).cpu()
                 if task is not None:
                     progress.advance(task, len(sel))

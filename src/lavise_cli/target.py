@@ -9,7 +9,6 @@ grow with the number of images beyond the top-k buffers; the maps live on disk.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,13 @@ from typing import Any, Sequence
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .data.images import View, apply_view_image, normalize, read_rgb
+from .data.images import View, model_input, read_rgb
 from .data.index import DatasetIndex, SplitIndex
+from .data.loader import image_batches
 from .errors import DataError, LaviseError
-from .models import TargetModel, capture
+from .models import TargetModel, capture, default_workers, forward_to
 from .store import Store, stable_digest
 
 QUANTILE = 0.995
@@ -138,7 +138,7 @@ class _Images(Dataset):
             img = read_rgb(self.paths[i])
         except DataError:
             return i, None
-        return i, normalize(apply_view_image(img, View(), self.size), self.mean, self.std)
+        return i, model_input(img, View(), self.size, self.mean, self.std)
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None]]) -> list[tuple[int, torch.Tensor | None]]:
@@ -198,10 +198,8 @@ def target_pass(
     if device.type != "mps":
         net = net.to(memory_format=torch.channels_last)
     if workers is None:
-        workers = 0 if (os.cpu_count() or 1) <= 2 and device.type == "cpu" else min(4, os.cpu_count() or 1)
+        workers = default_workers(device)
     ds = _Images(target.paths, model.preprocess.input_size, model.preprocess.mean, model.preprocess.std)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                        pin_memory=device.type == "cuda")
     amp = device.type == "cuda"
     task = progress.add_task(f"target pass {layer}", total=len(ds), unit="img") if progress is not None else None
     t0 = time.perf_counter()
@@ -223,8 +221,8 @@ def target_pass(
                 if final and not pending:
                     break
 
-        with torch.inference_mode(), capture(net, [layer]) as feats:
-            for batch in loader:
+        with torch.inference_mode(), capture(net, [layer], stop=True) as feats:
+            for batch in image_batches(ds, batch_size, workers, device, _collate):
                 good = [(i, x) for i, x in batch if x is not None]
                 failed += len(batch) - len(good)
                 if good:
@@ -232,7 +230,7 @@ def target_pass(
                     if device.type != "mps":
                         x = x.contiguous(memory_format=torch.channels_last)
                     with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                        net(x)
+                        forward_to(net, x, feats)
                     f = feats[layer].float()
                     if shape is None:
                         shape = (f.shape[1], f.shape[2], f.shape[3])

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from . import __version__
@@ -20,8 +19,8 @@ from .embeddings import Embedding, load_embedding
 from .errors import LaviseError
 from .explainer import EXPLAINER_FILE, Explainer, hinge_rank_loss, save_explainer
 from .features import reference_features
-from .models import TargetModel, default_layer, load_model, resolve_device, resolve_layer
-from .store import Store, atomic_write_json, stable_digest
+from .models import default_layer, load_model, resolve_device, resolve_layer
+from .store import Store, stable_digest
 
 
 @dataclass
