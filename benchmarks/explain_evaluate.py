@@ -24,6 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import lavise_cli  # noqa: F401  (first: it sets lavise's OMP_WAIT_POLICY before torch loads OpenMP)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import lavise_cli  # noqa: F401  (first: it sets lavise's OMP_WAIT_POLICY before torch loads OpenMP)
 import torch
 import torch.nn.functional as F
 

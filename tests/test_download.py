@@ -722,6 +722,27 @@ def test_cli_download_coco_val_via_mirror(
     assert "to download" in result.stderr
     assert {r["path"] for r in server.requests} == {"/annotations_trainval2017.zip", "/val2017.zip"}
 
+    # removing the dataset removes what was downloaded for it; --keep-downloads keeps it
+    dl = tmp_path / "downloads" / "coco"
+    assert (dl / "data" / "val2017").is_dir()
+    result = cli("--home", str(tmp_path), "store", "rm", "datasets", "coco", "--keep-downloads")
+    assert result.exit_code == 0, result.output
+    assert (dl / "data" / "val2017").is_dir()
+    assert cli("--home", str(tmp_path), "download", "coco", "--split", "val").exit_code == 0
+    result = cli("--home", str(tmp_path), "store", "rm", "datasets", "coco")
+    assert result.exit_code == 0, result.output
+    assert not dl.exists() and "downloaded files" in result.stderr
+    assert not list((tmp_path / "downloads").glob(".old-*"))
+
+
+def test_cli_store_rm_of_a_from_dataset_leaves_the_folder(cli: Any, tmp_path: Path) -> None:
+    src = make_coco(tmp_path / "c")
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    assert cli("--home", str(tmp_path / "home"), "download", "coco", "--from", str(src), "--name", "mine").exit_code == 0
+    result = cli("--home", str(tmp_path / "home"), "store", "rm", "datasets", "mine")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+
 
 def test_cli_glove_from_file(cli: Any, tmp_path: Path) -> None:
     pytest.importorskip("lavise_cli.embeddings")

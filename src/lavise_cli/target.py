@@ -171,9 +171,11 @@ class TargetCache:
         shard_of = rows // SHARD_IMAGES
         for s in torch.unique(shard_of).tolist():
             sel = torch.nonzero(shard_of == s).squeeze(1)
+            local = rows[sel] - s * SHARD_IMAGES
+            lo, hi = int(local.min()), int(local.max()) + 1
             with safe_open(str(self.root / f"maps-{s:05d}.safetensors"), framework="pt") as fh:
-                block = fh.get_tensor("maps")
-            out[sel] = block[rows[sel] - s * SHARD_IMAGES].float()
+                block = fh.get_slice("maps")[lo:hi]  # only the rows' span of the shard is read
+            out[sel] = block[local - lo].float()
         return out
 
 

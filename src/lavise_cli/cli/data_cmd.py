@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -59,15 +62,34 @@ def store_list(
 def store_rm(
     kind: str = typer.Argument(..., help=f"One of: {', '.join(KINDS)}."),
     name: str = typer.Argument(..., help="The entry's name (see `lavise store`)."),
+    keep_downloads: bool = typer.Option(False, "--keep-downloads",
+                                        help="For a downloaded dataset: keep its archives and unpacked files."),
 ) -> None:
     """Remove one entry from the store.
 
-    Example:
+    Removing a dataset that `lavise download` fetched also removes its archives and unpacked
+    files under the store's downloads/ folder (unless --keep-downloads); a dataset registered
+    with --from only forgets the folder, which is never touched.
+
+    Examples:
 
       lavise store rm features 3f2a9c...
+
+      lavise store rm datasets coco --keep-downloads
     """
-    state.store.remove(kind, name)
+    st = state.store
+    st.remove(kind, name)
     info(f"removed {kind} {name}")
+    if kind == "datasets" and not keep_downloads:
+        from ..download import downloads_dir
+
+        dl = downloads_dir(st, name)
+        if dl.is_dir():
+            freed = sum(f.stat().st_size for f in dl.rglob("*") if f.is_file())
+            trash = dl.parent / f".old-{name}-{uuid.uuid4().hex[:8]}"
+            os.replace(dl, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            info(f"removed its downloaded files ({human_size(freed)}, {dl})")
 
 
 @app.command()
