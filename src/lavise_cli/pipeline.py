@@ -140,7 +140,10 @@ def image_masking_inputs(session: Session, filters: Sequence[int], p: int, batch
     if path.exists():
         z = load_file(str(path))["z"].float()
     else:
-        net = session.model.module.to(session.device)
+        dev = session.device
+        net = session.model.module.to(dev)
+        if dev.type != "mps":
+            net = net.to(memory_format=torch.channels_last)
         layer = session.meta["layer"]
         pre = session.model.preprocess
         order = torch.argsort(pair_r, stable=True)  # group pairs by image: each image decoded once
@@ -156,7 +159,11 @@ def image_masking_inputs(session: Session, filters: Sequence[int], p: int, batch
                                                   pre.mean, pre.std) for r in uniq.tolist()])
                 keep = regions(maps[inv], pair_f[sel], cache.threshold, size)  # (b, S, S)
                 x = imgs[inv] * keep[:, None].to(imgs.dtype)  # normalised space: 0 is the dataset mean
-                forward_to(net, x.to(session.device), feats)
+                x = x.to(dev, non_blocking=True)
+                if dev.type != "mps":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
+                    forward_to(net, x, feats)
                 z[sel] = feats[layer].float().flatten(2).mean(2).cpu()
                 if task is not None:
                     progress.advance(task, len(sel))
