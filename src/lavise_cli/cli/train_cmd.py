@@ -51,7 +51,7 @@ def train(
     seed: int = typer.Option(_D.seed, "--seed", help="Seed: the same seed repeats a run exactly."),
     views: str = typer.Option("full", "--views", help="Cached views per image: full,flip,crop,crop-flip."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per batch in the feature pass."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (default: by CPU count)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Image-decoding worker processes (default: none on <= 2 CPU cores, where a thread decodes ahead; else a quarter of the cores, at most 4; up to 8 with a GPU)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same settings."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N, mps."),
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
