@@ -77,7 +77,7 @@ def emit_json(obj: Any) -> None:
 
 def info(msg: str) -> None:
     if not state.quiet:
-        err.print(msg, highlight=False)
+        err.print(msg, highlight=False, soft_wrap=True)  # long paths stay whole, copyable
 
 
 class RateColumn(ProgressColumn):
