@@ -11,15 +11,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lavise_cli.store import Store
@@ -113,6 +115,34 @@ def write_glove(path: Path, words: Sequence[str], dim: int = SMALL_GLOVE_DIM, se
         for w, v in zip(words, vecs):
             fh.write(w + " " + " ".join(f"{x:.6f}" for x in v) + "\n")
     return path
+
+
+def assert_clear_error(result: Any, *needles: str) -> str:
+    """Exit code != 0, no traceback, and exactly one line on stderr: ``error: ...`` holding ``needles``."""
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread, restored afterwards.
+
+    For module fixtures that train tiny explainers: on a busy 2-core machine torch's thread pool
+    makes their small batches many times slower (spin-waiting).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def read_glove(path: Path) -> dict[str, np.ndarray]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from conftest import assert_clear_error, one_torch_thread, write_glove
 from lavise_cli.data.index import preprocess
 from lavise_cli.download import register_coco
 from lavise_cli.embeddings import register_embedding
@@ -260,13 +261,6 @@ CATEGORIES = [{"id": 1, "name": "dog", "supercategory": "a"}, {"id": 2, "name": 
 COLOURS = {1: (230, 20, 20), 2: (20, 220, 30), 3: (30, 30, 230)}
 
 
-def write_glove(path: Path, words: list[str], dim: int = 24, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    with open(path, "w", encoding="utf-8") as fh:
-        for w, v in zip(words, rng.normal(size=(len(words), dim))):
-            fh.write(w + " " + " ".join(f"{x:.6f}" for x in v) + "\n")
-    return path
-
 
 def write_coco(root: Path, split: str, n: int, seed: int) -> None:
     """``n`` 32x32 images, each with one or two coloured rectangles annotated as polygons."""
@@ -296,14 +290,8 @@ def write_coco(root: Path, split: str, n: int, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    # One thread: the explainer is tiny, and on a busy 2-core machine torch's thread pool makes its
-    # small batches many times slower (spin-waiting).  Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield _build_trained(tmp_path_factory)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _build_trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -314,7 +302,7 @@ def _build_trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     write_coco(base / "coco", "train", 24, seed=1)
     write_coco(base / "coco", "val", 16, seed=2)
     register_coco(store, base / "coco", "toy")
-    register_embedding(store, write_glove(base / "glove.24d.txt", GLOVE_WORDS), name="g24")
+    register_embedding(store, write_glove(base / "glove.24d.txt", GLOVE_WORDS, dim=24), name="g24")
     preprocess(store, "toy", embedding="g24", workers=1)
     res = train(store, f"{factory}:build", ["toy"], layers=["feat"], weights="none", name="colours",
                 settings=TrainSettings(epochs=8, patience=8, seed=0), device="cpu", workers=0)
@@ -438,18 +426,6 @@ def test_evaluate_needs_a_labelled_target(trained: dict[str, Any]) -> None:
 # The command line
 # ----------------------------------------------------------------------------------------------
 
-
-def assert_clear_error(result: Any, *needles: str) -> str:
-    """Exit code != 0, no traceback, and exactly one line on stderr: ``error: ...``."""
-    assert result.exit_code != 0, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def test_cli_filter_errors(trained: dict[str, Any]) -> None:

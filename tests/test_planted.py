@@ -27,6 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_torch_thread, write_glove
 from lavise_cli.data.index import preprocess
 from lavise_cli.download import register_coco
 from lavise_cli.embeddings import register_embedding
@@ -150,24 +151,11 @@ def write_split(root: Path, split: str, n: int, seed: int) -> None:
     (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(doc))
 
 
-def write_glove(path: Path, dim: int = 50, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    with open(path, "w", encoding="utf-8") as fh:
-        for w, v in zip(WORDS, rng.normal(size=(len(WORDS), dim))):
-            fh.write(w + " " + " ".join(f"{x:.6f}" for x in v) + "\n")
-    return path
-
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    # One thread: the explainer is tiny, and on a busy 2-core machine torch's thread pool makes its
-    # small batches up to 20x slower (spin-waiting).  Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield _build(tmp_path_factory)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -176,7 +164,7 @@ def _build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     write_split(base / "coco", "train", 60, seed=10)
     write_split(base / "coco", "val", 40, seed=11)
     register_coco(store, base / "coco", "planted")
-    register_embedding(store, write_glove(base / "glove.50d.txt"), name="g50")
+    register_embedding(store, write_glove(base / "glove.50d.txt", WORDS, dim=50), name="g50")
     preprocess(store, "planted", embedding="g50", workers=1)
     factory = base / "colournet.py"
     factory.write_text(FACTORY)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from conftest import assert_clear_error, write_glove
 from lavise_cli.data.images import View, apply_view_image, read_rgb
 from lavise_cli.data.index import preprocess
 from lavise_cli.download import register_coco
@@ -88,13 +89,6 @@ GLOVE_WORDS = ("the of and dog cat car puppy kitten truck box ball sky snow bric
                "grass tree road water house window door table chair red blue green").split()
 
 
-def write_glove(path: Path, dim: int = 16, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    with open(path, "w", encoding="utf-8") as fh:
-        for w, v in zip(GLOVE_WORDS, rng.normal(size=(len(GLOVE_WORDS), dim))):
-            fh.write(w + " " + " ".join(f"{x:.6f}" for x in v) + "\n")
-    return path
-
 
 def write_coco(root: Path, split: str, n: int, seed: int) -> dict[str, list[tuple[int, int, int]]]:
     """``n`` 64 px images on a noisy grey ground with white+red, white+blue or red squares of 3 x 3 cells.
@@ -141,7 +135,7 @@ def squares(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     write_coco(base / "coco", "train", 18, seed=1)
     drawn = write_coco(base / "coco", "val", 12, seed=2)
     register_coco(store, base / "coco", "squares")
-    register_embedding(store, write_glove(base / "glove.16d.txt"), name="g16")
+    register_embedding(store, write_glove(base / "glove.16d.txt", GLOVE_WORDS, dim=16), name="g16")
     preprocess(store, "squares", embedding="g16", workers=1)
     res = train(store, f"{factory}:build", ["squares"], layers=["act"], name="squares",
                 settings=TrainSettings(epochs=4, patience=4, seed=0), device="cpu", workers=0)
@@ -157,18 +151,6 @@ def run_cli(home: Path, *args: Any) -> Any:
 
     return CliRunner().invoke(app, ["--home", str(home), *[str(a) for a in args]])
 
-
-def assert_clear_error(result: Any, *needles: str) -> str:
-    """Exit code != 0, no traceback, exactly one line on stderr: ``error: ...``."""
-    assert result.exit_code != 0, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------------------------
