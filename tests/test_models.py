@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -398,6 +399,9 @@ def test_weights_that_cannot_be_downloaded_name_the_offline_options(
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     for var in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(var, raising=False)
+    # urllib builds its global opener (with the proxies of that moment) on first use and keeps it:
+    # start from none, and put the previous one back afterwards, so the dead proxy does not leak.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     with pytest.raises(LaviseError) as ei:
         load_model("resnet18")  # DEFAULT weights
     msg = _one_line(ei.value)
@@ -407,3 +411,6 @@ def test_weights_that_cannot_be_downloaded_name_the_offline_options(
     assert result.exit_code != 0 and "Traceback" not in text
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "--weights PATH" in errors[0] and "--weights none" in errors[0], text
+    # and nothing else: torch.hub's "Downloading: ..." notice (printed on stdout) is not left behind
+    assert result.stdout.strip() == "", result.stdout
+    assert [ln for ln in result.stderr.splitlines() if ln.strip()] == errors, result.stderr

@@ -993,7 +993,10 @@ def download_weights(model_name: str, weights: str = "DEFAULT") -> dict[str, Any
     w = _resolve_weights(enum, weights, model_name)
     path = Path(torch.hub.get_dir()) / "checkpoints" / PurePosixPath(urllib.parse.urlparse(w.url).path).name
     try:
-        w.get_state_dict(progress=True, check_hash=True)
+        from .models import hub_download_notice
+
+        with hub_download_notice():
+            w.get_state_dict(progress=True, check_hash=True)
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = _reason(e)
         raise DataError(

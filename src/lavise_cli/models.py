@@ -176,7 +176,8 @@ def load_model(
                     f"unknown weights {weights!r} for {spec}; choose one of: {choices}, none, or a state-dict path"
                 ) from None
             try:
-                module = torchvision.models.get_model(spec, weights=w)
+                with hub_download_notice():
+                    module = torchvision.models.get_model(spec, weights=w)
             except Exception as e:  # network, hub cache
                 raise LaviseError(
                     f"could not get the {spec} weights {w} ({type(e).__name__}); with no network, pass "
@@ -281,6 +282,42 @@ def default_layer(model: nn.Module, input_size: int = 224) -> str:
     if best is None:
         raise LaviseError("the model has no 4-D feature map with spatial extent; name one with --layer")
     return best
+
+
+class _HeldNotice:
+    """A stream to stderr that holds torch.hub's ``Downloading: ...`` line until more output follows."""
+
+    def __init__(self, real: Any):
+        self.real, self.held = real, None
+
+    def write(self, text: str) -> int:
+        if self.held is None and text.startswith("Downloading"):
+            self.held = text
+            return len(text)
+        self.release()
+        return self.real.write(text)
+
+    def release(self) -> None:
+        if self.held:
+            self.real.write(self.held)
+        self.held = ""
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+@contextmanager
+def hub_download_notice() -> Iterator[None]:
+    """torch.hub's download notice goes to stderr (it prints it on stdout, which would spoil
+    ``--json``), and only once the download is under way: a failed download (no network) says
+    nothing but lavise's own one-line error."""
+    held = _HeldNotice(sys.stderr)
+    with contextlib.redirect_stdout(held):  # type: ignore[type-var]
+        yield
+    held.release()
 
 
 class StopForward(Exception):
