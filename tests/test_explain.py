@@ -397,6 +397,29 @@ def test_image_masking_equals_loop_reference(trained: dict[str, Any]) -> None:
                     assert int(ex.image_words[j, q, t]) == int(idx[q, t]), (u, q, t)
 
 
+
+def test_image_masking_runs_an_empty_region_once_as_the_all_mean_image(trained: dict[str, Any]) -> None:
+    """Pairs whose region is empty mask the whole image: their ``z`` is that of an all-mean (zero)
+    input, computed once; the other pairs are unaffected (checked above against a loop)."""
+    from lavise_cli.explain import regions
+    from lavise_cli.pipeline import image_masking_inputs
+
+    ses = open_session(trained["store"], device="cpu", workers=0)
+    cache, net, size = ses.cache, ses.model.module, ses.model.preprocess.input_size
+    d, p = cache.shape[0], cache.n  # every image is a "top image": most hold no region
+    filters = list(range(d))
+    lookup = image_masking_inputs(ses, filters, p)
+    top = top_images(cache, p)
+    rows, filt = top.reshape(-1), torch.arange(d).repeat_interleave(p)
+    empty = ~regions(cache.maps(rows), filt, cache.threshold, size).flatten(1).any(1)
+    assert 0 < int(empty.sum()) < len(empty), "the data must give both empty and non-empty regions"
+    with torch.no_grad():
+        zero = net.feat(net.pool(net.act(net.conv(torch.zeros(1, 3, size, size))))).flatten(2).mean(2)[0]
+    z = lookup(rows, filt)
+    torch.testing.assert_close(z[empty], zero.expand(int(empty.sum()), -1), rtol=2e-3, atol=2e-3)
+    assert not torch.allclose(z[~empty], zero.expand(int((~empty).sum()), -1), rtol=2e-3, atol=2e-3)
+
+
 def test_explain_filters_all_filters_in_one_call(trained: dict[str, Any]) -> None:
     ses = open_session(trained["store"], device="cpu", workers=0)
     vocab = vocabulary_for(ses, "concepts")

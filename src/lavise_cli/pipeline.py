@@ -146,11 +146,30 @@ def image_masking_inputs(session: Session, filters: Sequence[int], p: int, batch
             net = net.to(memory_format=torch.channels_last)
         layer = session.meta["layer"]
         pre = session.model.preprocess
-        order = torch.argsort(pair_r, stable=True)  # group pairs by image: each image decoded once
         z = torch.empty(len(pair_r), cache.shape[0])
+        # A pair whose region is empty masks its whole image: every such pair has the same input
+        # (the dataset mean everywhere), so it is run once, not once per pair.
+        nonempty = torch.zeros(len(pair_r), dtype=torch.bool)
+        for c0 in range(0, len(pair_r), 1024):
+            idx = torch.arange(c0, min(len(pair_r), c0 + 1024))
+            uniq, inv = torch.unique(pair_r[idx], return_inverse=True)
+            nonempty[idx] = regions(cache.maps(uniq)[inv], pair_f[idx], cache.threshold, size).flatten(1).any(1)
+        order = torch.argsort(pair_r, stable=True)  # group pairs by image: each image decoded once
+        order = order[nonempty[order]]
         task = progress.add_task("image masking (backbone per pair)", total=len(order), unit="pair") \
             if progress is not None else None
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(dev, non_blocking=True)
+            if dev.type != "mps":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
+                forward_to(net, x, feats)
+            return feats[layer].float().flatten(2).mean(2).cpu()
+
         with torch.inference_mode(), capture(net, [layer], stop=True) as feats:
+            if not bool(nonempty.all()):
+                z[~nonempty] = run(torch.zeros(1, 3, size, size))
             for s0 in range(0, len(order), batch):
                 sel = order[s0:s0 + batch]
                 uniq, inv = torch.unique(pair_r[sel], return_inverse=True)
@@ -158,13 +177,7 @@ def image_masking_inputs(session: Session, filters: Sequence[int], p: int, batch
                 imgs = torch.stack([model_input(read_rgb(session.target.paths[int(cache.rows[r])]), View(), size,
                                                   pre.mean, pre.std) for r in uniq.tolist()])
                 keep = regions(maps[inv], pair_f[sel], cache.threshold, size)  # (b, S, S)
-                x = imgs[inv] * keep[:, None].to(imgs.dtype)  # normalised space: 0 is the dataset mean
-                x = x.to(dev, non_blocking=True)
-                if dev.type != "mps":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
-                    forward_to(net, x, feats)
-                z[sel] = feats[layer].float().flatten(2).mean(2).cpu()
+                z[sel] = run(imgs[inv] * keep[:, None].to(imgs.dtype))  # normalised space: 0 is the dataset mean
                 if task is not None:
                     progress.advance(task, len(sel))
         tmp = path.with_suffix(".tmp")
