@@ -11,17 +11,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from lavise_cli.store import Store
@@ -128,21 +126,6 @@ def assert_clear_error(result: Any, *needles: str) -> str:
     for n in needles:
         assert n in lines[0], (n, lines[0])
     return lines[0]
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """torch on one thread, restored afterwards.
-
-    For module fixtures that train tiny explainers: on a busy 2-core machine torch's thread pool
-    makes their small batches many times slower (spin-waiting).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def read_glove(path: Path) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from conftest import assert_clear_error, one_torch_thread, write_glove
+from conftest import assert_clear_error, write_glove
 from lavise_cli.data.index import preprocess
 from lavise_cli.download import register_coco
 from lavise_cli.embeddings import register_embedding
@@ -40,6 +40,7 @@ from lavise_cli.explain import (
     top_images,
 )
 from lavise_cli.pipeline import evaluate_methods, open_session, run_explain, vocabulary_for
+from lavise_cli.models import one_thread
 from lavise_cli.store import Store
 from lavise_cli.target import TargetCache
 from lavise_cli.train import TrainSettings, train
@@ -290,7 +291,7 @@ def write_coco(root: Path, split: str, n: int, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with one_torch_thread():
+    with one_thread():
         yield _build_trained(tmp_path_factory)
 
 

@@ -27,11 +27,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import one_torch_thread, write_glove
+from conftest import write_glove
 from lavise_cli.data.index import preprocess
 from lavise_cli.download import register_coco
 from lavise_cli.embeddings import register_embedding
 from lavise_cli.pipeline import evaluate_methods, open_session, run_explain, vocabulary_for
+from lavise_cli.models import one_thread
 from lavise_cli.store import Store
 from lavise_cli.train import TrainSettings, train
 
@@ -154,7 +155,7 @@ def write_split(root: Path, split: str, n: int, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with one_torch_thread():
+    with one_thread():
         yield _build(tmp_path_factory)
 
 

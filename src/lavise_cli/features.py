@@ -25,7 +25,7 @@ from .data.images import View, apply_view_masks, model_input, read_rgb
 from .data.index import SplitIndex
 from .data.loader import image_batches
 from .errors import DataError
-from .models import TargetModel, capture, default_workers, forward_to, layer_shapes
+from .models import TargetModel, backbone, backbone_input, capture, default_workers, forward_to, layer_shapes
 from .store import Store, atomic_write_json, stable_digest
 
 SHARD_PAIRS = 65536
@@ -161,9 +161,7 @@ def reference_features(
                      model.preprocess.std, sorted({grids[layer][1:] for layer in todo}))
     if workers is None:
         workers = default_workers(device)
-    net = model.module.to(device)
-    if device.type != "mps":
-        net = net.to(memory_format=torch.channels_last)
+    net = backbone(model.module, device)
     amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     buf: dict[str, dict[str, list[torch.Tensor]]] = {layer: {k: [] for k in ("z", "image", "concept", "view")} for layer in todo}
@@ -200,9 +198,7 @@ def reference_features(
             good = [it for it in batch if it["ok"]]
             state["skipped"].extend(int(it["image"]) for it in batch if not it["ok"])
             if good:
-                x = torch.cat([it["x"] for it in good]).to(device, non_blocking=True)
-                if device.type != "mps":
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = backbone_input(torch.cat([it["x"] for it in good]), device)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                     forward_to(net, x, feats)
                 # owner of each (image, view, concept) pair: its row in x
@@ -253,4 +249,3 @@ def reference_features(
 
 def pair_images_count(split: SplitIndex) -> int:
     return int(np.count_nonzero(np.diff(split.offsets)))
-

@@ -353,6 +353,29 @@ def capture(model: nn.Module, layers: Sequence[str], stop: bool = False) -> Iter
             h.remove()
 
 
+def backbone(module: nn.Module, device: torch.device) -> nn.Module:
+    """The frozen backbone on ``device``, channels-last (faster for convolutions) except on MPS."""
+    net = module.to(device)
+    return net if device.type == "mps" else net.to(memory_format=torch.channels_last)
+
+
+def backbone_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch for :func:`backbone`: on ``device``, in the same memory layout."""
+    x = x.to(device, non_blocking=True)
+    return x if device.type == "mps" else x.contiguous(memory_format=torch.channels_last)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread, restored afterwards (many small tensor ops only contend)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def forward_to(net: nn.Module, x: torch.Tensor, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Run ``net(x)`` under a :func:`capture` with ``stop=True``; returns the captured outputs."""
     feats.clear()

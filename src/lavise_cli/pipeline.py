@@ -17,7 +17,7 @@ from .errors import LaviseError
 from .evaluate import ConceptSpace, ground_truth, netdissect_iou, recall_at, vocab_to_concepts
 from .explain import METHODS, Explanation, explain_filters, parse_filters, regions, top_images
 from .explainer import EXPLAINER_FILE, LoadedExplainer, load_explainer
-from .models import TargetModel, capture, forward_to, load_model, resolve_device
+from .models import TargetModel, backbone, backbone_input, capture, forward_to, load_model, resolve_device
 from .store import Entry, Store, atomic_write_json, stable_digest
 from .target import TargetCache, TargetSet, folder_target, labelled_target, target_pass
 
@@ -141,9 +141,7 @@ def image_masking_inputs(session: Session, filters: Sequence[int], p: int, batch
         z = load_file(str(path))["z"].float()
     else:
         dev = session.device
-        net = session.model.module.to(dev)
-        if dev.type != "mps":
-            net = net.to(memory_format=torch.channels_last)
+        net = backbone(session.model.module, dev)
         layer = session.meta["layer"]
         pre = session.model.preprocess
         z = torch.empty(len(pair_r), cache.shape[0])
@@ -160,11 +158,8 @@ def image_masking_inputs(session: Session, filters: Sequence[int], p: int, batch
             if progress is not None else None
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(dev, non_blocking=True)
-            if dev.type != "mps":
-                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
-                forward_to(net, x, feats)
+                forward_to(net, backbone_input(x, dev), feats)
             return feats[layer].float().flatten(2).mean(2).cpu()
 
         with torch.inference_mode(), capture(net, [layer], stop=True) as feats:

@@ -259,9 +259,7 @@ class Store:
     def remove(self, kind: str, name: str) -> None:
         entry = self.get(kind, name)
         with self.lock(kind, name):
-            trash = entry.path.parent / f".old-{name}-{uuid.uuid4().hex[:8]}"
-            os.replace(entry.path, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            discard(entry.path)
 
     def clean_temporaries(self) -> int:
         """Remove leftovers of interrupted writes; returns how many were removed."""
@@ -298,3 +296,11 @@ class FileDigests:
         with contextlib.suppress(OSError):
             atomic_write_json(self.path, known)
         return digest
+
+
+def discard(path: Path) -> None:
+    """Delete a folder as one step: renamed aside first (``.old-*``, which
+    :meth:`Store.clean_temporaries` sweeps), so an interrupted delete never leaves it half there."""
+    trash = path.parent / f".old-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -23,7 +23,7 @@ from .data.images import View, model_input, read_rgb
 from .data.index import DatasetIndex, SplitIndex
 from .data.loader import image_batches
 from .errors import DataError, LaviseError
-from .models import TargetModel, capture, default_workers, forward_to
+from .models import TargetModel, backbone, backbone_input, capture, default_workers, forward_to
 from .store import Store, stable_digest
 
 QUANTILE = 0.995
@@ -196,9 +196,7 @@ def target_pass(
     key = stable_digest(inputs)[:24]
     if store.exists("targets", key):
         return _load_target(store, key, layer, hit=True)
-    net = model.module.to(device)
-    if device.type != "mps":
-        net = net.to(memory_format=torch.channels_last)
+    net = backbone(model.module, device)
     if workers is None:
         workers = default_workers(device)
     ds = _Images(target.paths, model.preprocess.input_size, model.preprocess.mean, model.preprocess.std)
@@ -228,9 +226,7 @@ def target_pass(
                 good = [(i, x) for i, x in batch if x is not None]
                 failed += len(batch) - len(good)
                 if good:
-                    x = torch.stack([x for _, x in good]).to(device)
-                    if device.type != "mps":
-                        x = x.contiguous(memory_format=torch.channels_last)
+                    x = backbone_input(torch.stack([x for _, x in good]), device)
                     with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                         forward_to(net, x, feats)
                     f = feats[layer].float()

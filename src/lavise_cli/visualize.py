@@ -11,7 +11,6 @@ picture always matches its words.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import os
 import shutil
@@ -20,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 from urllib.parse import quote
 
 import torch
@@ -30,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 from . import __version__
 from .data.images import View, apply_view_image, read_rgb
 from .explain import regions
+from .models import one_thread
 from .store import atomic_write_bytes
 
 DIM = 0.35  # pixels outside the region are multiplied by this (toward black)
@@ -367,7 +367,7 @@ def render_thumbnails(session: Any, doc: dict[str, Any], folder: Path, n_images:
         first_path = {}
         for r, _, _, p in chunk:
             first_path.setdefault(r, p)
-        with _one_thread():
+        with one_thread():
             imgs = torch.stack([apply_view_image(read_rgb(first_path[r]), View(), size) for r in uniq])
         idx = torch.tensor([pos[r] for r in rows], dtype=torch.long)
         filt = torch.tensor([c[1] for c in chunk], dtype=torch.long)
@@ -375,7 +375,7 @@ def render_thumbnails(session: Any, doc: dict[str, Any], folder: Path, n_images:
         area = reg.flatten(1).sum(1).tolist()
         hl = highlight(imgs[idx], reg, width=width)
         if thumb != size:
-            with _one_thread():
+            with one_thread():
                 hl = torch.stack([apply_view_image(h, View(), thumb) for h in hl])
         pixels = to_uint8(hl).numpy()
         for k, (_, u, q, _) in enumerate(chunk):
@@ -385,17 +385,6 @@ def render_thumbnails(session: Any, doc: dict[str, Any], folder: Path, n_images:
         if task is not None:
             progress.advance(task, len(chunk))
     return names
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run many small per-image tensor ops on one intra-op thread (several threads only contend)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +11,7 @@ from rich.table import Table
 from ..data.index import preprocess as preprocess_dataset
 from ..data.index import register_instances_file
 from ..errors import LaviseError
-from ..store import KINDS
+from ..store import KINDS, discard
 from .app import app
 from .common import emit_json, handle_errors, human_size, info, out, progress, state
 
@@ -86,9 +83,7 @@ def store_rm(
         dl = downloads_dir(st, name)
         if dl.is_dir():
             freed = sum(f.stat().st_size for f in dl.rglob("*") if f.is_file())
-            trash = dl.parent / f".old-{name}-{uuid.uuid4().hex[:8]}"
-            os.replace(dl, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            discard(dl)
             info(f"removed its downloaded files ({human_size(freed)}, {dl})")
 
 

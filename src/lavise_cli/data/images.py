@@ -101,8 +101,10 @@ def apply_view_image(img: torch.Tensor, view: View, size: int) -> torch.Tensor:
 def model_input(img: torch.Tensor, view: View, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """The normalised model input of ``img`` under ``view``: ``normalize(apply_view_image(...))`` in one step."""
     x = _resized(img, view, size)
-    scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
-    x = x.float() if x.dtype == torch.uint8 else x.clamp(0.0, 1.0)
+    if x.dtype == torch.uint8:
+        x, scale = x.float(), 1.0 / 255.0
+    else:
+        x, scale = x.clamp(0.0, 1.0), 1.0
     s = torch.tensor([scale / v for v in std], dtype=x.dtype).view(-1, 1, 1)
     b = torch.tensor([-m / v for m, v in zip(mean, std)], dtype=x.dtype).view(-1, 1, 1)
     return torch.addcmul(b, x, s)
