@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data.images import View, model_input, read_rgb
+from .data.images import TRAINING_IMAGES_FILE, View, count_shared, model_input, read_rgb
 from .data.index import load_index
 from .embeddings import Vocabulary, build_vocabulary, load_embedding
 from .errors import LaviseError
@@ -35,6 +35,8 @@ class Session:
     target: TargetSet
     cache: TargetCache
     device: torch.device
+    # Target images the explainer was trained on (None: the explainer did not record its images).
+    overlap: int | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -79,7 +81,7 @@ def open_session(
     explainer: str | None = None,
     *,
     datasets: Sequence[str] = (),
-    split: str = "val",
+    split: str | None = None,
     images: Path | None = None,
     model: str | None = None,
     layer: str | None = None,
@@ -91,7 +93,8 @@ def open_session(
     """Load the explainer (default: the latest), check it fits, and run (or reuse) the target pass.
 
     The target set is ``images`` (a plain folder), else the ``split`` of ``datasets``, else the
-    ``split`` (default val) of the datasets the explainer was trained on.
+    ``split`` of the datasets the explainer was trained on.  ``split=None`` takes each dataset's
+    target split: ``val``, or the held-out part of a dataset without a train split.
     """
     entry, ex = open_explainer(store, explainer)
     meta = ex.meta
@@ -113,7 +116,15 @@ def open_session(
     if cache.shape[0] != int(meta["d"]):
         raise LaviseError(f"layer {meta['layer']} of this model has {cache.shape[0]} filters but the explainer "
                           f"expects {meta['d']}: the explainer was trained for another model or layer")
-    return Session(store, entry, ex, tm, target, cache, dev)
+    return Session(store, entry, ex, tm, target, cache, dev, overlap=training_overlap(entry, target))
+
+
+def training_overlap(entry: Entry, target: TargetSet) -> int | None:
+    """How many of the target set's images the explainer was trained on (None when unrecorded)."""
+    path = entry.path / TRAINING_IMAGES_FILE
+    if not path.is_file():
+        return None
+    return count_shared(target.paths, load_file(str(path))["identities"])
 
 
 def vocabulary_for(session: Session, source: str = "default", size: int | None = None) -> Vocabulary:
@@ -229,6 +240,7 @@ def explanation_doc(session: Session, ex: Explanation) -> dict[str, Any]:
         "method": ex.method,
         "target": session.target.description,
         "target_images": session.cache.n,
+        "target_images_trained_on": session.overlap,
         "vocabulary": ex.vocabulary.describe(),
         "settings": ex.settings,
         "filters": filters,
@@ -293,6 +305,7 @@ def evaluate_methods(
         "layer": session.meta["layer"],
         "target": session.target.description,
         "target_images": session.cache.n,
+        "target_images_trained_on": session.overlap,
         "vocabulary": vocab.describe(),
         "p": int(top_rows.shape[1]),
         "recall": list(cuts),

@@ -96,21 +96,31 @@ class TargetSet:
         return bool(self.sources)
 
 
-def labelled_target(indexes: Sequence[DatasetIndex], split: str = "val") -> TargetSet:
-    """The union of the datasets' ``split`` as one labelled target set."""
-    paths, items, sources, concepts = [], [], [], []
+def labelled_target(indexes: Sequence[DatasetIndex], split: str | None = None) -> TargetSet:
+    """The union of the datasets' ``split`` as one labelled target set.
+
+    ``split=None``: each dataset's target split (``val``, or the held-out part of a dataset that
+    has no train split).
+    """
+    paths, items, sources, concepts, names = [], [], [], [], []
     for ix in indexes:
-        if split not in ix.splits:
-            raise LaviseError(f"dataset {ix.name!r} has no {split!r} split; choose another with --split")
-        sp = ix.splits[split]
+        name = split or ix.target_split
+        if name not in ix.splits:
+            known = ", ".join(ix.splits) or "none"
+            raise LaviseError(f"dataset {ix.name!r} has no {name!r} split (it has: {known}); choose one with --split")
+        sp = ix.splits[name]
         k = len(sources)
         sources.append(sp)
         concepts.append(ix.concepts)
+        names.append(name)
         for i in range(len(sp.images)):
             paths.append(sp.image_path(i))
             items.append((k, i))
-    return TargetSet(description=f"{'+'.join(ix.name for ix in indexes)}/{split}", paths=paths,
-                     key={"datasets": [ix.digest for ix in indexes], "split": split},
+    same = len(set(names)) == 1
+    description = (f"{'+'.join(ix.name for ix in indexes)}/{names[0]}" if same
+                   else "+".join(f"{ix.name}/{n}" for ix, n in zip(indexes, names)))
+    return TargetSet(description=description, paths=paths,
+                     key={"datasets": [ix.digest for ix in indexes], "split": names[0] if same else names},
                      sources=sources, source_concepts=concepts, items=items)
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from safetensors.torch import save_file
 
 from . import __version__
-from .data.images import View, named_views
+from .data.images import TRAINING_IMAGES_FILE, View, image_identities, named_views
 from .data.index import DatasetIndex, _seen_split, load_index
 from .embeddings import Embedding, load_embedding
 from .errors import LaviseError
@@ -253,8 +254,9 @@ def train(
     dev = resolve_device(device)
     indexes = [load_index(store, d) for d in datasets]
     for ix in indexes:
-        if "train" not in ix.splits:
-            raise LaviseError(f"dataset {ix.name!r} has no train split to train on")
+        if ix.training_split is None:
+            raise LaviseError(f"dataset {ix.name!r} has no train split to train on: run `lavise preprocess {ix.name}` "
+                              "again (it divides a dataset without a train split into reference and held-out parts)")
     emb_names = {ix.manifest["inputs"]["embedding"]["name"] for ix in indexes}
     emb = load_embedding(store, embedding or (emb_names.pop() if len(emb_names) == 1 else None))
     model = load_model(model_spec, weights, input_size=input_size, mean=mean, std=std)
@@ -268,11 +270,14 @@ def train(
     per_ds = []
     hits = []
     for ix in indexes:
-        fs = reference_features(store, model, layers, ix.splits["train"], ix.digest, views=view_list, device=dev,
+        fs = reference_features(store, model, layers, ix.splits[ix.training_split], ix.digest, views=view_list, device=dev,
                                 batch_size=batch_size, workers=workers, progress=progress)
         per_ds.append(fs)
         hits.extend(f.hit for f in fs.values())
     t_feat = time.perf_counter() - t0
+    # The images the explainer learns from, so that explain/evaluate can warn when a target set shares them.
+    trained_on = image_identities([ix.splits[ix.training_split].image_path(int(i)) for ix, fs in zip(indexes, per_ds)
+                                   for i in torch.unique(next(iter(fs.values())).image).tolist()])
     results = []
     ds_label = "+".join(datasets)
     for layer in layers:
@@ -332,6 +337,7 @@ def train(
             "best_epoch": best_epoch,
             "best_val_loss": best_val,
             "pairs": int(len(z)),
+            "training_images": int(len(trained_on)),
         }
         with store.writing("explainers", ex_name,
                            inputs={"model": model.key(), "layer": layer, "datasets": [ix.digest for ix in indexes],
@@ -339,6 +345,7 @@ def train(
                            settings={**asdict(settings), "views": views, "model": model.name, "layer": layer,
                                      "datasets": list(datasets)}) as tmp:
             save_explainer(tmp / EXPLAINER_FILE, module, cvecs, {**meta, "name": ex_name})
+            save_file({"identities": trained_on.contiguous()}, str(tmp / TRAINING_IMAGES_FILE))
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         path = store.path("explainers", ex_name) / EXPLAINER_FILE
         results.append(TrainResult(

@@ -75,6 +75,14 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def warn_trained_on(session: Any) -> None:
+    """One warning line when the target set shares images with the explainer's training images."""
+    if session.overlap:
+        err.print(f"[yellow]warning:[/] {session.overlap} of the {session.cache.n} target images were used to train "
+                  f"explainer {session.entry.name}: results on them are optimistic; use held-out images "
+                  "(the default --split, or other --dataset/--image-dir images)", highlight=False, soft_wrap=True)
+
+
 def info(msg: str) -> None:
     if not state.quiet:
         err.print(msg, highlight=False, soft_wrap=True)  # long paths stay whole, copyable

@@ -96,7 +96,11 @@ def preprocess(
     name: Optional[str] = typer.Option(None, "--name", help="Name to register a JSON file under."),
     split: Optional[str] = typer.Option(None, "--split", help="Split name of a JSON file (default: from its name)."),
     seen_fraction: float = typer.Option(0.7, "--seen-fraction", help="Share of concepts in the seen split."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the seen/unseen concept split."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the seen/unseen concept split and of the held-out images."),
+    held_out_fraction: float = typer.Option(0.2, "--held-out-fraction",
+                                            help="For a dataset without a train split (e.g. COCO val alone): share of its "
+                                                 "images held out as the target part (split `held-out`); the rest is "
+                                                 "the reference part (split `reference`) that train uses."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes that check images (default: up to 4)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even when the index is current."),
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
@@ -110,6 +114,11 @@ def preprocess(
       lavise preprocess coco-tiny --json
 
       lavise preprocess lvis_v1_val.json --images val2017/ --name lvis-val
+
+    A dataset without a train split (COCO val alone) is divided, seeded: 80 % of its images become
+    the reference part (split `reference`) that train uses and 20 % the held-out part (split
+    `held-out`) that explain and evaluate use by default, so explanations are never scored on the
+    explainer's own training images.
     """
     st = state.store
     if dataset.endswith(".json"):
@@ -120,7 +129,13 @@ def preprocess(
         info(f"registered {dataset} from {entry.manifest['settings']['root']}")
     with progress() as prog:
         summary = preprocess_dataset(st, dataset, embedding=embedding, seen_fraction=seen_fraction, seed=seed,
-                                     workers=workers, force=force, progress=prog)
+                                     held_out_fraction=held_out_fraction, workers=workers, force=force, progress=prog)
+    held = summary.get("held_out")
+    if held:
+        info(f"{dataset} has no train split: its {held['reference'] + held['held_out']:,} {held['source']} images are "
+             f"divided (seed {held['seed']}) into a reference part of {held['reference']:,} (split `reference`, what "
+             f"`lavise train` uses) and a held-out part of {held['held_out']:,} (split `held-out`, what explain and "
+             "evaluate use by default)")
     if json_out:
         emit_json(summary)
         return

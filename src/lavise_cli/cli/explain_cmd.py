@@ -26,11 +26,12 @@ from ..pipeline import (
     vocabulary_for,
 )
 from .app import app
-from .common import emit_json, handle_errors, info, out, progress, state
+from .common import emit_json, handle_errors, info, out, progress, state, warn_trained_on
 
 _EXPLAINER = typer.Option(None, "--explainer", "-e", help="Explainer name (default: the latest trained).")
 _DATASET = typer.Option([], "--dataset", help="Labelled target set(s) (default: the explainer's datasets).")
-_SPLIT = typer.Option("val", "--split", help="Split of the target dataset(s).")
+_SPLIT = typer.Option(None, "--split", help="Split of the target dataset(s) (default: val; for a dataset without a "
+                                           "train split, its held-out part `held-out`).")
 _VOCAB = typer.Option("default", "--vocab", help="default, concepts, raw, or a file with one word/phrase per line.")
 _VOCAB_SIZE = typer.Option(None, "--vocab-size", help="Frequency rank limit of vocabulary words (default 30000).")
 _DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N, mps.")
@@ -50,7 +51,7 @@ def explain(
     images_per_filter: int = typer.Option(25, "--images", "-p", help="Top images per filter."),
     top: int = typer.Option(5, "--top", "-k", help="Words shown per filter."),
     dataset: List[str] = _DATASET,
-    split: str = _SPLIT,
+    split: Optional[str] = _SPLIT,
     image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="Explain on a folder of plain images instead."),
     vocab: str = _VOCAB,
     vocab_size: Optional[int] = _VOCAB_SIZE,
@@ -84,6 +85,7 @@ def explain(
     with progress() as prog:
         ses = open_session(state.store, explainer, datasets=dataset, split=split, images=image_dir, model=model,
                            layer=layer, device=device, batch_size=batch_size, progress=prog)
+        warn_trained_on(ses)
         chosen = parse_filters(filters, ses.cache.shape[0], all_filters)
         voc = vocabulary_for(ses, vocab, vocab_size)
         nd = None
@@ -133,7 +135,7 @@ def evaluate(
     filters: Optional[str] = typer.Option(None, "--filters", "-f", help="Filters to score (default: all)."),
     images_per_filter: int = typer.Option(25, "--images", "-p", help="Top images per filter."),
     dataset: List[str] = _DATASET,
-    split: str = _SPLIT,
+    split: Optional[str] = _SPLIT,
     vocab: str = _VOCAB,
     vocab_size: Optional[int] = _VOCAB_SIZE,
     model: Optional[str] = _MODEL,
@@ -166,6 +168,7 @@ def evaluate(
     with progress() as prog:
         ses = open_session(state.store, explainer, datasets=dataset, split=split, model=model, layer=layer,
                            device=device, batch_size=batch_size, progress=prog)
+        warn_trained_on(ses)
         if not ses.target.labelled:
             raise LaviseError("evaluate needs a labelled target set (a preprocessed dataset)")
         chosen = parse_filters(filters, ses.cache.shape[0], filters is None)

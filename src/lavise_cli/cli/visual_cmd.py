@@ -26,7 +26,7 @@ from ..pipeline import (
 from ..store import stable_digest
 from ..visualize import build_report, files_dir_for, heatmap_paths
 from .app import app
-from .common import emit_json, handle_errors, info, out, progress, state
+from .common import emit_json, handle_errors, info, out, progress, state, warn_trained_on
 from .explain_cmd import _BATCH, _DATASET, _DEVICE, _EXPLAINER, _SPLIT, _VOCAB, _VOCAB_SIZE  # shared options
 
 _METHOD = typer.Option("attention", "--method", "-m", help=f"One of: {', '.join(METHODS)}.")
@@ -38,7 +38,7 @@ _IMAGE_DIR = typer.Option(None, "--image-dir", help="Use a folder of plain image
 
 
 def _explain(explainer: Optional[str], filters: Optional[str], all_filters: bool, method: str, p: int, s: int, k: int,
-             dataset: List[str], split: str, image_dir: Optional[Path], vocab: str, vocab_size: Optional[int],
+             dataset: List[str], split: Optional[str], image_dir: Optional[Path], vocab: str, vocab_size: Optional[int],
              device: str, batch_size: int, prog: Any) -> tuple[Session, dict[str, Any], dict[str, Any], list[int]]:
     """Exactly what `lavise explain` does for the same settings: session, explanation doc, result key."""
     if method not in METHODS:
@@ -50,6 +50,7 @@ def _explain(explainer: Optional[str], filters: Optional[str], all_filters: bool
     parse_filters(filters, int(ex.meta["d"]), all_filters)
     ses = open_session(state.store, explainer, datasets=dataset, split=split, images=image_dir, device=device,
                        batch_size=batch_size, progress=prog)
+    warn_trained_on(ses)
     chosen = parse_filters(filters, ses.cache.shape[0], all_filters)
     voc = vocabulary_for(ses, vocab, vocab_size)
     nd = None
@@ -79,7 +80,7 @@ def heatmap(
     words_per_image: int = _S,
     top: int = _K,
     dataset: List[str] = _DATASET,
-    split: str = _SPLIT,
+    split: Optional[str] = _SPLIT,
     image_dir: Optional[Path] = _IMAGE_DIR,
     vocab: str = _VOCAB,
     vocab_size: Optional[int] = _VOCAB_SIZE,
@@ -149,7 +150,7 @@ def report(
     words_per_image: int = _S,
     top: int = _K,
     dataset: List[str] = _DATASET,
-    split: str = _SPLIT,
+    split: Optional[str] = _SPLIT,
     image_dir: Optional[Path] = _IMAGE_DIR,
     vocab: str = _VOCAB,
     vocab_size: Optional[int] = _VOCAB_SIZE,

@@ -173,3 +173,27 @@ def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return (x - m) / s
+
+
+TRAINING_IMAGES_FILE = "training-images.safetensors"
+
+
+def image_identities(paths: "list[Path] | tuple[Path, ...]") -> torch.Tensor:
+    """A sorted int64 tensor identifying each image by its resolved path (8 bytes of blake2b).
+
+    An explainer keeps the identities of the images it was trained on, so that a target set that
+    shares images with them is noticed, whichever dataset or folder it comes from.
+    """
+    import hashlib
+    import os
+
+    ids = [int.from_bytes(hashlib.blake2b(os.path.realpath(p).encode(), digest_size=8).digest(), "little", signed=True)
+           for p in paths]
+    return torch.tensor(sorted(ids), dtype=torch.int64)
+
+
+def count_shared(paths: "list[Path] | tuple[Path, ...]", known: torch.Tensor) -> int:
+    """How many of ``paths`` are among the image identities ``known``."""
+    if not len(paths) or not len(known):
+        return 0
+    return int(torch.isin(image_identities(paths), known).sum())

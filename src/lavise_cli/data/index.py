@@ -26,7 +26,9 @@ from ..errors import DataError, LaviseError
 from ..store import Entry, FileDigests, Store, stable_digest
 from .images import probe_image
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+HELD_OUT_FRACTION = 0.2  # share of a dataset's images held out as target when it has no train split
+REFERENCE, HELD_OUT = "reference", "held-out"  # the two parts of a dataset divided that way
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -49,6 +51,16 @@ class SplitIndex:
     def offsets(self) -> np.ndarray:
         """``pairs of image i`` = ``offsets[i]:offsets[i+1]``."""
         return np.searchsorted(self.pair_image, np.arange(len(self.images) + 1)).astype(np.int64)
+
+    def subset(self, name: str, images: np.ndarray) -> "SplitIndex":
+        """The split restricted to ``images`` (sorted indices), named ``name``; pairs follow their images."""
+        images = np.asarray(images, dtype=np.int64)
+        new = np.full(len(self.images), -1, dtype=np.int64)
+        new[images] = np.arange(len(images))
+        keep = np.flatnonzero(new[self.pair_image] >= 0)
+        return SplitIndex(dataset=self.dataset, split=name, image_dir=self.image_dir,
+                          images=[self.images[i] for i in images.tolist()], pair_image=new[self.pair_image[keep]],
+                          pair_concept=self.pair_concept[keep], rles=[self.rles[k] for k in keep.tolist()])
 
     def image_path(self, i: int) -> Path:
         return self.image_dir / self.images[i]["file"]
@@ -76,6 +88,20 @@ class DatasetIndex:
     splits: dict[str, SplitIndex]
     digest: str
     manifest: dict[str, Any]
+    # Set when the dataset has no train split and its images were divided into a reference part
+    # (split "reference") and a held-out target part (split "held-out"):
+    # {"source", "fraction", "seed", "reference", "held_out"} (the last two are image counts).
+    held_out: dict[str, Any] | None = None
+
+    @property
+    def training_split(self) -> str | None:
+        """The split an explainer trains on: ``train``, else the reference part of a divided dataset."""
+        return "train" if "train" in self.splits else (REFERENCE if REFERENCE in self.splits else None)
+
+    @property
+    def target_split(self) -> str:
+        """The split explain/evaluate use by default: ``val``, or the held-out part of a divided dataset."""
+        return HELD_OUT if HELD_OUT in self.splits else "val"
 
     @property
     def unmapped(self) -> list[str]:
@@ -114,6 +140,14 @@ def load_index(store: Store, dataset: str) -> DatasetIndex:
             rles=d["rle"],
             dropped=d.get("dropped", {}),
         )
+    held_out = meta.get("held_out")
+    if held_out and held_out["source"] in splits:
+        src = splits[held_out["source"]]
+        out = np.zeros(len(src.images), dtype=bool)
+        out[np.asarray(held_out["images"], dtype=np.int64)] = True
+        splits[REFERENCE] = src.subset(REFERENCE, np.flatnonzero(~out))
+        splits[HELD_OUT] = src.subset(HELD_OUT, np.flatnonzero(out))
+        held_out = {k: v for k, v in held_out.items() if k != "images"}
     c = meta["concepts"]
     return DatasetIndex(
         name=dataset,
@@ -123,6 +157,7 @@ def load_index(store: Store, dataset: str) -> DatasetIndex:
         splits=splits,
         digest=stable_digest(entry["inputs"]) + ":" + entry["created"],
         manifest=entry,
+        held_out=held_out,
     )
 
 
@@ -193,6 +228,15 @@ def _pool_map(fn: Any, args: Sequence[tuple[Any, ...]], workers: int, progress: 
             if task is not None:
                 progress.advance(task)
     return results
+
+
+def held_out_images(n: int, fraction: float, seed: int) -> list[int]:
+    """A seeded choice (without replacement) of ``round(fraction * n)`` of ``n`` images, sorted;
+    at least one image is held out and one kept whenever there are two or more."""
+    n_out = int(round(fraction * n))
+    if n >= 2:
+        n_out = min(max(n_out, 1), n - 1)
+    return sorted(np.random.default_rng(seed).permutation(n)[:n_out].tolist())
 
 
 def _seen_split(mapped: Sequence[bool], fraction: float, seed: int) -> list[bool]:
@@ -325,17 +369,27 @@ def preprocess(
     embedding: str | None = None,
     seen_fraction: float = 0.7,
     seed: int = 0,
+    held_out_fraction: float = HELD_OUT_FRACTION,
     workers: int | None = None,
     force: bool = False,
     progress: Any = None,
 ) -> dict[str, Any]:
     """Build (or reuse, when its inputs are unchanged) the mask index of a registered dataset.
 
+    A dataset without a train split (e.g. COCO val alone) has its images divided, seeded, into a
+    reference part (split ``reference``, what ``train`` uses) and a held-out part of
+    ``held_out_fraction`` of the images (split ``held-out``, what ``explain``/``evaluate`` use by
+    default), so that explanations are never scored on the images the explainer learned from.
+    The source split stays whole as well.
+
     Returns the summary: per split ``images``, ``pairs``, ``dropped``; ``concepts``, ``mapped``,
-    ``unmapped``, ``seen``, ``unseen``; and ``cached`` (True when nothing had to be rebuilt).
+    ``unmapped``, ``seen``, ``unseen``; ``held_out`` (the division, or None); and ``cached``
+    (True when nothing had to be rebuilt).
     """
     if not 0.0 < seen_fraction <= 1.0:
         raise LaviseError("--seen-fraction must be in (0, 1]")
+    if not 0.0 < held_out_fraction < 1.0:
+        raise LaviseError("--held-out-fraction must be between 0 and 1 (exclusive), e.g. 0.2")
     ds = store.get("datasets", dataset)
     emb: Embedding = load_embedding(store, embedding)
     emb_manifest = store.get("embeddings", emb.name).manifest
@@ -344,6 +398,7 @@ def preprocess(
         "embedding": {"name": emb.name, **emb_manifest["inputs"]},
         "seen_fraction": seen_fraction,
         "seed": seed,
+        "held_out_fraction": held_out_fraction,
         "version": INDEX_VERSION,
     }
     if not force and store.is_current("indexes", dataset, inputs):
@@ -365,6 +420,13 @@ def preprocess(
             raise LaviseError(f"preprocessing datasets of format {fmt!r} is not supported yet")
         for cid, n in cats.items():
             names.setdefault(cid, n)
+    held_out = None
+    if "train" not in built and built:
+        source = "val" if "val" in built else next(iter(built))
+        n = len(built[source]["images"])
+        held = held_out_images(n, held_out_fraction, seed)
+        held_out = {"source": source, "fraction": held_out_fraction, "seed": seed,
+                    "reference": n - len(held), "held_out": len(held)}
     # Concepts: categories merged by cleaned label (e.g. panoptic "wall-other-merged" -> "wall").
     labels = sorted({clean_label(n) for n in names.values()}, key=lambda s: min(
         cid for cid, n in names.items() if clean_label(n) == s))
@@ -372,7 +434,7 @@ def preprocess(
     cat_to_concept = {cid: label_idx[clean_label(n)] for cid, n in names.items()}
     mapped = [emb.phrase_vector(lab) is not None for lab in labels]
     seen = _seen_split(mapped, seen_fraction, seed)
-    summary: dict[str, Any] = {"dataset": dataset, "embedding": emb.name, "splits": {}}
+    summary: dict[str, Any] = {"dataset": dataset, "embedding": emb.name, "splits": {}, "held_out": held_out}
     with store.writing("indexes", dataset, inputs=inputs, settings={"format": fmt, "seen_fraction": seen_fraction,
                                                                        "seed": seed}) as tmp:
         for split, b in built.items():
@@ -415,6 +477,7 @@ def preprocess(
             ],
             "seen_fraction": seen_fraction,
             "seed": seed,
+            "held_out": {**held_out, "images": held} if held_out else None,
         }
         (tmp / "concepts.json").write_text(json.dumps(concepts_doc, indent=1))
         summary.update(
