@@ -108,7 +108,8 @@ class Embedding:
 
     def phrase_vector(self, phrase: str) -> np.ndarray | None:
         """The normalised mean of the known tokens' vectors, or ``None`` when none is known."""
-        key = phrase.strip().lower()
+        # A label disambiguated by its synset ("light (light.n.02)") is the words before it.
+        key = re.sub(r"\s*\([^()]*\)\s*$", "", phrase).strip().lower() or phrase.strip().lower()
         if key in self.index:
             return np.asarray(self.vectors[self.index[key]], dtype=np.float32)
         toks = [t for t in re.split(r"[^a-z0-9]+", key) if t]

@@ -101,6 +101,10 @@ def preprocess(
                                             help="For a dataset without a train split (e.g. COCO val alone): share of its "
                                                  "images held out as the target part (split `held-out`); the rest is "
                                                  "the reference part (split `reference`) that train uses."),
+    min_images: Optional[int] = typer.Option(None, "--min-images", help="Visual Genome: leave out concepts seen in fewer "
+                                                                         "training images (default 100, as in the paper)."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Visual Genome (no official split): share "
+                                                                              "of images in the seeded val split (default 0.1)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes that check images (default: up to 4)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even when the index is current."),
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
@@ -114,6 +118,8 @@ def preprocess(
       lavise preprocess coco-tiny --json
 
       lavise preprocess lvis_v1_val.json --images val2017/ --name lvis-val
+
+      lavise preprocess vg --min-images 100 --val-fraction 0.1
 
     A dataset without a train split (COCO val alone) is divided, seeded: 80 % of its images become
     the reference part (split `reference`) that train uses and 20 % the held-out part (split
@@ -129,7 +135,13 @@ def preprocess(
         info(f"registered {dataset} from {entry.manifest['settings']['root']}")
     with progress() as prog:
         summary = preprocess_dataset(st, dataset, embedding=embedding, seen_fraction=seen_fraction, seed=seed,
-                                     held_out_fraction=held_out_fraction, workers=workers, force=force, progress=prog)
+                                     held_out_fraction=held_out_fraction, min_images=min_images,
+                                     val_fraction=val_fraction, workers=workers, force=force, progress=prog)
+    vg_split = summary.get("image_split")
+    if vg_split:
+        info(f"{dataset}: images split (seed {vg_split['seed']}) into train {vg_split['train']:,} / val "
+             f"{vg_split['val']:,}; concepts seen in fewer than {summary['min_images']} training images left out: "
+             f"{summary['concepts_below_min_images']:,}")
     held = summary.get("held_out")
     if held:
         info(f"{dataset} has no train split: its {held['reference'] + held['held_out']:,} {held['source']} images are "

@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 from ..embeddings import Embedding, clean_label, load_embedding
 from ..errors import DataError, LaviseError
 from ..store import Entry, FileDigests, Store, stable_digest
+from .formats import get_format
 from .images import probe_image
 
 INDEX_VERSION = 2
@@ -124,8 +125,10 @@ def load_index(store: Store, dataset: str) -> DatasetIndex:
         raise LaviseError(f"the index of {dataset!r} is stale (its data changed): run `lavise preprocess {dataset}`")
     root = store.path("indexes", dataset)
     meta = json.loads((root / "concepts.json").read_text())
+    # A format may decide its own splits and image folders (VG splits its one set of images).
+    image_dirs = meta.get("image_dirs") or {s: info["images"] for s, info in ds["settings"]["splits"].items()}
     splits = {}
-    for split, info in ds["settings"]["splits"].items():
+    for split, image_dir in image_dirs.items():
         p = root / f"{split}.json"
         if not p.exists():
             continue
@@ -133,7 +136,7 @@ def load_index(store: Store, dataset: str) -> DatasetIndex:
         splits[split] = SplitIndex(
             dataset=dataset,
             split=split,
-            image_dir=Path(info["images"]),
+            image_dir=Path(image_dir),
             images=d["images"],
             pair_image=np.asarray(d["pair_image"], dtype=np.int64),
             pair_concept=np.asarray(d["pair_concept"], dtype=np.int64),
@@ -370,6 +373,8 @@ def preprocess(
     seen_fraction: float = 0.7,
     seed: int = 0,
     held_out_fraction: float = HELD_OUT_FRACTION,
+    min_images: int | None = None,
+    val_fraction: float | None = None,
     workers: int | None = None,
     force: bool = False,
     progress: Any = None,
@@ -390,6 +395,16 @@ def preprocess(
         raise LaviseError("--seen-fraction must be in (0, 1]")
     if not 0.0 < held_out_fraction < 1.0:
         raise LaviseError("--held-out-fraction must be between 0 and 1 (exclusive), e.g. 0.2")
+    # Options of formats that split or filter by themselves (Visual Genome); part of the index's inputs.
+    options: dict[str, Any] = {}
+    if min_images is not None:
+        if min_images < 1:
+            raise LaviseError("--min-images must be at least 1")
+        options["min_images"] = int(min_images)
+    if val_fraction is not None:
+        if not 0.0 < val_fraction < 1.0:
+            raise LaviseError("--val-fraction must be between 0 and 1 (exclusive), e.g. 0.1")
+        options["val_fraction"] = float(val_fraction)
     ds = store.get("datasets", dataset)
     emb: Embedding = load_embedding(store, embedding)
     emb_manifest = store.get("embeddings", emb.name).manifest
@@ -399,27 +414,16 @@ def preprocess(
         "seen_fraction": seen_fraction,
         "seed": seed,
         "held_out_fraction": held_out_fraction,
+        "format_options": options,
         "version": INDEX_VERSION,
     }
     if not force and store.is_current("indexes", dataset, inputs):
         summary = json.loads((store.path("indexes", dataset) / "summary.json").read_text())
         return {**summary, "cached": True}
-    settings = ds.manifest["settings"]
-    fmt = settings.get("format")
+    fmt = ds.manifest["settings"].get("format")
     workers = workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
-    built: dict[str, dict[str, Any]] = {}
-    names: dict[int, str] = {}
-    for split, info in settings["splits"].items():
-        if fmt == "coco":
-            built[split], cats = _build_instances_split(Path(info["annotations"]), Path(info["images"]), workers, progress)
-        elif fmt == "coco-panoptic":
-            built[split], cats = _build_panoptic_split(
-                Path(info["annotations"]), Path(info["images"]), Path(info["masks"]), workers, progress
-            )
-        else:
-            raise LaviseError(f"preprocessing datasets of format {fmt!r} is not supported yet")
-        for cid, n in cats.items():
-            names.setdefault(cid, n)
+    built_all = get_format(fmt)(ds.manifest["settings"], {**options, "seed": seed}, workers, progress)
+    built, names = built_all.splits, built_all.categories
     held_out = None
     if "train" not in built and built:
         source = "val" if "val" in built else next(iter(built))
@@ -427,14 +431,19 @@ def preprocess(
         held = held_out_images(n, held_out_fraction, seed)
         held_out = {"source": source, "fraction": held_out_fraction, "seed": seed,
                     "reference": n - len(held), "held_out": len(held)}
-    # Concepts: categories merged by cleaned label (e.g. panoptic "wall-other-merged" -> "wall").
-    labels = sorted({clean_label(n) for n in names.values()}, key=lambda s: min(
-        cid for cid, n in names.items() if clean_label(n) == s))
+    # Concepts: categories merged by cleaned label (e.g. panoptic "wall-other-merged" -> "wall"),
+    # in the order of their first category id.
+    label_of = (lambda n: n) if built_all.labels_final else clean_label
+    first: dict[str, int] = {}
+    for cid, n in sorted(names.items()):
+        first.setdefault(label_of(n), cid)
+    labels = sorted(first, key=first.__getitem__)
     label_idx = {lab: i for i, lab in enumerate(labels)}
-    cat_to_concept = {cid: label_idx[clean_label(n)] for cid, n in names.items()}
+    cat_to_concept = {cid: label_idx[label_of(n)] for cid, n in names.items()}
     mapped = [emb.phrase_vector(lab) is not None for lab in labels]
     seen = _seen_split(mapped, seen_fraction, seed)
-    summary: dict[str, Any] = {"dataset": dataset, "embedding": emb.name, "splits": {}, "held_out": held_out}
+    summary: dict[str, Any] = {"dataset": dataset, "embedding": emb.name, "splits": {}, "held_out": held_out,
+                               **built_all.info}
     with store.writing("indexes", dataset, inputs=inputs, settings={"format": fmt, "seen_fraction": seen_fraction,
                                                                        "seed": seed}) as tmp:
         for split, b in built.items():
@@ -478,6 +487,7 @@ def preprocess(
             "seen_fraction": seen_fraction,
             "seed": seed,
             "held_out": {**held_out, "images": held} if held_out else None,
+            "image_dirs": built_all.image_dirs,
         }
         (tmp / "concepts.json").write_text(json.dumps(concepts_doc, indent=1))
         summary.update(
