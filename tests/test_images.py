@@ -20,7 +20,7 @@ from lavise_cli.data.images import (
     probe_image,
     read_rgb,
 )
-from lavise_cli.errors import DataError
+from lavise_cli.errors import DataError, LaviseError
 
 
 def _planted(h: int, w: int, rows: slice, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,5 +223,6 @@ def test_read_rgb_bad_files_raise_data_error(tmp_path: Path) -> None:
 def test_named_views_reject_unknown_names() -> None:
     assert named_views("full, flip") == [View(), View(flip=True)]
     assert named_views("") == [View()]
-    with pytest.raises(DataError, match="unknown view 'zoom'"):
+    with pytest.raises(LaviseError, match="unknown view 'zoom'") as e:
         named_views("full,zoom")
+    assert e.value.exit_code == 2  # a bad option value, not bad data (3)

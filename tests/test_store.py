@@ -380,7 +380,7 @@ def test_cli_store_lists_entries_with_sizes(cli: Any, store: Store, make_coco: A
 
     table = cli("store")
     assert table.exit_code == 0, table.output
-    for word in ("datasets", "tiny", "embeddings", "small", "features", "abc123", "4.0 KB"):
+    for word in ("datasets", "tiny", "embeddings", "small", "features", "abc123", "4.0 KiB"):
         assert word in table.stdout
 
 

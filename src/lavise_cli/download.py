@@ -191,11 +191,12 @@ def _splits(split: str) -> list[str]:
 
 
 def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
+    """Bytes in binary units (KiB, MiB, GiB: powers of 1024), as the download progress bar shows them."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TB"
+    return f"{n:.1f} TiB"
 
 
 # ----------------------------------------------------------------------------------------------

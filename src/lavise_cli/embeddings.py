@@ -46,6 +46,29 @@ def _sniff_format(path: Path) -> str:
     raise DataError(f"{path} is not a GloVe/word2vec text file, a word2vec binary or gensim KeyedVectors")
 
 
+VECTOR_SUFFIXES = (".txt", ".gz", ".bin", ".vec", ".kv")
+
+
+def _vector_file(source: Path) -> Path:
+    """``source`` itself when it is a file; the one word-vector file in it when it is a folder."""
+    if source.is_file():
+        return source
+    if not source.exists():
+        raise DataError(f"word-vector file {source} does not exist")
+    if not source.is_dir():
+        raise DataError(f"{source} is not a regular file: give a word-vector file")
+    found = sorted(p.name for p in source.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.name.endswith(VECTOR_SUFFIXES))
+    if len(found) == 1:
+        return source / found[0]
+    if not found:
+        raise DataError(f"{source} is a folder with no word-vector file in it ({', '.join(VECTOR_SUFFIXES)}): "
+                        "give the file itself, e.g. glove.6B.300d.txt")
+    shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+    raise DataError(f"{source} is a folder with {len(found)} word-vector files ({shown}): give one file, "
+                    f"e.g. {source / found[0]}")
+
+
 def register_embedding(
     store: Store, source: Path, name: str | None = None, fmt: str = "auto", progress: Any = None
 ) -> Entry:
@@ -58,9 +81,7 @@ def register_embedding(
     """
     from gensim.models import KeyedVectors
 
-    source = Path(source).expanduser()
-    if not source.is_file():
-        raise DataError(f"word-vector file {source} does not exist")
+    source = _vector_file(Path(source).expanduser())
     if name is None:
         name = re.sub(r"(\.txt|\.gz|\.bin|\.kv|\.vec)+$", "", source.name) or "embedding"
     fmt = _sniff_format(source) if fmt == "auto" else fmt

@@ -227,7 +227,10 @@ def explanation_doc(session: Session, ex: Explanation) -> dict[str, Any]:
             "filter": u,
             "inactive": bool(ex.inactive[j]),
             "threshold": float(session.cache.threshold[u]),
-            "words": [{"word": w, "images": c, "similarity": round(sim, 4), "novel": w not in concepts}
+            # similarity_sum: the word's cosine similarity summed over the images naming it (so it
+            # can exceed 1); "similarity" is the same number under its old name, kept for compatibility.
+            "words": [{"word": w, "images": c, "similarity_sum": round(sim, 4), "similarity": round(sim, 4),
+                       "novel": w not in concepts}
                       for w, c, sim in ex.words[j]],
             "top_images": [{"row": r, "path": str(session.target.paths[int(session.cache.rows[r])]),
                             "max_activation": float(session.cache.img_max[r, u]),

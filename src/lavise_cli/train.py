@@ -252,6 +252,7 @@ def train(
     if not datasets:
         raise LaviseError("name at least one preprocessed dataset, e.g. `lavise train resnet18 coco`")
     dev = resolve_device(device)
+    view_list: list[View] = named_views(views)  # a bad --views fails before anything slow
     indexes = [load_index(store, d) for d in datasets]
     for ix in indexes:
         if ix.training_split is None:
@@ -263,7 +264,6 @@ def train(
     layers = list(layers) or [default_layer(model.module, model.preprocess.input_size)]
     for layer in layers:
         resolve_layer(model.module, layer)
-    view_list: list[View] = named_views(views)
     concepts, cvecs, seen = merged_concepts(indexes, emb, settings.seen_fraction, settings.seed)
     cidx = {c: i for i, c in enumerate(concepts)}
     t0 = time.perf_counter()

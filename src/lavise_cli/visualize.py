@@ -30,7 +30,7 @@ from . import __version__
 from .data.images import View, apply_view_image, read_rgb
 from .explain import regions
 from .models import one_thread
-from .store import atomic_write_bytes
+from .store import atomic_write_bytes, follow_umask
 
 DIM = 0.35  # pixels outside the region are multiplied by this (toward black)
 OUTLINE = (255, 214, 0)  # the region's outline: bright yellow
@@ -306,6 +306,7 @@ def save_png(img: Image.Image, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        follow_umask(fd)  # the user's umask, as the thumbnails (mkstemp alone makes 0600)
         with os.fdopen(fd, "wb") as fh:
             img.save(fh, format="PNG", optimize=True)
         os.replace(tmp, path)

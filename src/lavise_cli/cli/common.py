@@ -26,6 +26,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from ..download import human_size  # noqa: F401  (one unit system: binary, as the bars)
 from ..errors import LaviseError
 from ..store import Store
 
@@ -103,7 +104,7 @@ def progress(transfer: bool = False) -> Progress:
         cols = [
             TextColumn("[bold]{task.description}"),
             BarColumn(),
-            DownloadColumn(),
+            DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
         ]
@@ -120,9 +121,3 @@ def progress(transfer: bool = False) -> Progress:
     return Progress(*cols, console=err, disable=state.quiet, transient=False)
 
 
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"

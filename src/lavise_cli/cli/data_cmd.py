@@ -15,7 +15,8 @@ from ..store import KINDS, discard
 from .app import app
 from .common import emit_json, handle_errors, human_size, info, out, progress, state
 
-store_app = typer.Typer(help="List and remove what the artifact store holds.", no_args_is_help=False)
+# No help= here: the callback's docstring (with its examples) is the group's --help.
+store_app = typer.Typer(no_args_is_help=False, rich_markup_mode="rich")
 app.add_typer(store_app, name="store")
 
 
@@ -26,7 +27,10 @@ def store_list(
     kind: Optional[str] = typer.Option(None, "--kind", help=f"Only this kind: {', '.join(KINDS)}."),
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
-    """List datasets, embeddings, indexes, feature caches, explainers and results, with sizes.
+    """List, remove and clean up what the artifact store holds, with sizes on disk.
+
+    Without a subcommand: every dataset, embedding, index, explainer and result, and the caches
+    (feature and target passes) with the model, layer and dataset each was made for.
 
     Examples:
 
@@ -35,6 +39,8 @@ def store_list(
       lavise store --kind explainers --json
 
       lavise store rm explainers resnet18-layer4-coco
+
+      lavise store gc --dry-run
     """
     if ctx.invoked_subcommand is not None:
         return

@@ -73,7 +73,7 @@ def _coco(kind: str, split: Split, from_: Optional[Path], name: Optional[str], a
 @handle_errors
 def coco(
     split: Split = typer.Option(
-        Split.all, "--split", help="Which split to get: train (18 GB of images), val (0.8 GB) or all."
+        Split.all, "--split", help="Which split to get: train (18 GiB of images), val (0.8 GiB) or all."
     ),
     from_: Optional[Path] = typer.Option(None, "--from", metavar="DIR", help=FROM_DIR_HELP),
     name: Optional[str] = typer.Option(None, "--name", help=NAME_HELP + " [default: coco]"),
@@ -122,7 +122,7 @@ def vg(
     name: Optional[str] = typer.Option(None, "--name", help=NAME_HELP + " [default: vg]"),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Visual Genome 1.4: images (about 15 GB), objects and object synsets, or a local copy.
+    """Visual Genome 1.4: images (about 15 GiB), objects and object synsets, or a local copy.
 
     A local copy (--from) needs objects.json and VG_100K/ and/or VG_100K_2/ (image_data.json and
     object_synsets.json are recorded when present).
@@ -155,7 +155,7 @@ def glove(
         metavar="FILE",
         help=(
             "Register a local file instead: GloVe text (.txt/.gz, no header), word2vec text or binary,"
-            " or gensim KeyedVectors."
+            " or gensim KeyedVectors (a folder holding exactly one such file works too)."
         ),
     ),
     name: Optional[str] = typer.Option(None, "--name", help="Name of the embedding in the store."),

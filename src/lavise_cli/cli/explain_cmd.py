@@ -36,6 +36,9 @@ _VOCAB = typer.Option("default", "--vocab", help="default, concepts, raw, or a f
 _VOCAB_SIZE = typer.Option(None, "--vocab-size", help="Frequency rank limit of vocabulary words (default 30000).")
 _DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N, mps.")
 _BATCH = typer.Option(32, "--batch-size", help="Images per batch in the target pass.")
+# What `explain --csv` prints, in order (its --help lists the same): similarity_sum is the word's
+# cosine similarity summed over the images naming it, so it can exceed 1.
+CSV_COLUMNS = ("filter", "rank", "word", "images", "similarity_sum", "novel", "inactive")
 _MODEL = typer.Option(None, "--model", help="Check that the explainer was trained for this model.")
 _LAYER = typer.Option(None, "--layer", help="Check that the explainer was trained for this layer.")
 
@@ -60,7 +63,7 @@ def explain(
     device: str = _DEVICE,
     batch_size: int = _BATCH,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
-    csv_out: bool = typer.Option(False, "--csv", help="CSV on stdout: filter, rank, word, images, novel."),
+    csv_out: bool = typer.Option(False, "--csv", help=f"CSV on stdout, one row per word: {', '.join(CSV_COLUMNS)}."),
 ) -> None:
     """Explain filters in words: filter attention (default) or a baseline method.
 
@@ -105,10 +108,11 @@ def explain(
     if csv_out:
         buf = io.StringIO()
         wr = csv.writer(buf)
-        wr.writerow(["filter", "rank", "word", "images", "similarity", "novel", "inactive"])
+        wr.writerow(CSV_COLUMNS)
         for f in doc["filters"]:
             for r, w in enumerate(f["words"], 1):
-                wr.writerow([f["filter"], r, w["word"], w["images"], w["similarity"], int(w["novel"]), int(f["inactive"])])
+                wr.writerow([f["filter"], r, w["word"], w["images"], w["similarity_sum"], int(w["novel"]),
+                             int(f["inactive"])])
         sys.stdout.write(buf.getvalue())
         return
     t = Table(title=f"{ses.entry.name} · {method} · {ses.target.description} ({ses.cache.n} images) · "

@@ -220,4 +220,4 @@ def report(
         t.add_row("recall", "not evaluated")
     t.add_row("time", f"{res['seconds']:.1f} s")
     out.print(t)
-    info(f"open it with a browser: file://{page}")
+    info(f"open it with a browser: {Path(page).resolve().as_uri()}")  # percent-encoded: spaces, #, %, ...

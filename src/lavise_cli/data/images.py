@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DataError
+from ..errors import DataError, LaviseError
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def named_views(spec: str) -> list[View]:
     out = []
     for name in [s.strip() for s in spec.split(",") if s.strip()]:
         if name not in table:
-            raise DataError(f"unknown view {name!r}; choose from {', '.join(table)}")
+            raise LaviseError(f"unknown view {name!r} in --views; choose from {', '.join(table)}")  # a bad option: exit 2
         out.append(table[name])
     return out or [View()]
 
