@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -124,9 +125,14 @@ class Entry:
     path: Path
     manifest: dict[str, Any]
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
-        return int(self.manifest.get("size", 0))
+        """Bytes the entry holds on disk now, its manifest aside: what was added after it was
+        written (an explainer's ``results/``: explanations, heatmaps, reports) counts too."""
+        try:
+            return dir_size(self.path) - (self.path / MANIFEST).stat().st_size
+        except OSError:  # removed meanwhile
+            return int(self.manifest.get("size", 0))
 
     @property
     def created(self) -> str:

@@ -11,7 +11,7 @@ from rich.table import Table
 from ..data.index import preprocess as preprocess_dataset
 from ..data.index import register_instances_file
 from ..errors import LaviseError
-from ..store import KINDS, discard
+from ..store import CACHE_KINDS, KINDS, discard
 from .app import app
 from .common import emit_json, handle_errors, human_size, info, out, progress, state
 
@@ -44,20 +44,73 @@ def store_list(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from ..cleanup import cache_description
+
     st = state.store
     entries = st.list(kind)
     if json_out:
+        # Sizes are bytes on disk now (an explainer's results/ included); caches and explainers
+        # also say what they were made for (model, layer, dataset).
         emit_json({"root": str(st.root), "cache": str(st.cache), "entries": [
-            {"kind": e.kind, "name": e.name, "size": e.size, "created": e.created, "path": str(e.path)} for e in entries]})
+            {"kind": e.kind, "name": e.name, "size": e.size, "created": e.created, "path": str(e.path),
+             **cache_description(e)} for e in entries]})
         return
-    table = Table(title=f"lavise store — {st.root}")
+    # The paths stay whole on lines of their own (never cut to "…" by a narrow table).
+    out.print(f"lavise store: {st.root} (caches: {st.cache})", highlight=False, soft_wrap=True)
+    table = Table(title="lavise store")
     for col in ("kind", "name", "size", "created"):
-        table.add_column(col, justify="right" if col == "size" else "left")
+        table.add_column(col, justify="right" if col == "size" else "left",
+                         overflow="fold", no_wrap=col != "name")
     for e in entries:
-        table.add_row(e.kind, e.name, human_size(e.size), e.created[:19].replace("T", " "))
+        name = e.name
+        if e.kind in CACHE_KINDS:  # a hash: say what it caches, under it
+            d = cache_description(e)
+            name += "\n[dim]" + " · ".join(str(d[k]) for k in ("model", "layer", "dataset") if d.get(k)) + "[/]"
+        table.add_row(e.kind, name, human_size(e.size), e.created[:19].replace("T", " "))
     if not entries:
         info("the store is empty: start with `lavise download coco` (or `--from DIR` offline)")
     out.print(table)
+
+
+@store_app.command("gc")
+@handle_errors
+def store_gc(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+) -> None:
+    """Remove the caches nothing refers to, and say how much space that frees.
+
+    A feature cache goes when its dataset index was rebuilt or removed, or when no explainer was
+    trained on it; a target cache goes when its target set's index was rebuilt or removed, or when
+    no explainer of its model and layer is left. Run it when no `lavise train` is under way (a
+    running train's fresh feature cache has no explainer yet).
+
+    Examples:
+
+      lavise store gc --dry-run
+
+      lavise store gc --json
+    """
+    from ..cleanup import cache_description, collect_garbage
+
+    found = collect_garbage(state.store, dry_run=dry_run)
+    freed = sum(u.size for u in found)
+    if json_out:
+        emit_json({"dry_run": dry_run, "freed": freed, "removed": [
+            {"kind": u.entry.kind, "name": u.entry.name, "size": u.size, "reason": u.reason, "path": str(u.entry.path),
+             **cache_description(u.entry)} for u in found]})
+        return
+    verb = "would remove" if dry_run else "removed"
+    for u in found:
+        d = cache_description(u.entry)
+        what = " · ".join(str(d[k]) for k in ("model", "layer", "dataset") if d.get(k))
+        out.print(f"{verb} {u.entry.kind[:-1]} cache {u.entry.name} ({what}, {human_size(u.size)}): {u.reason}",
+                  highlight=False, soft_wrap=True)
+    if not found:
+        info("no unreferenced caches: nothing to remove")
+    else:
+        info(f"{len(found)} unreferenced cache(s): {human_size(freed)} "
+             + ("would be freed (dry run; nothing removed)" if dry_run else "freed"))
 
 
 @store_app.command("rm")

@@ -1,0 +1,88 @@
+"""What the store's caches were made for, and removing the ones nothing refers to (``lavise store gc``).
+
+A feature cache (``cache/features``) is the pooled features of one reference pass: one model,
+layer and dataset index.  It is *unreferenced* when its index was rebuilt or removed (a new
+index has a new digest, so the cache can never be hit again), or when no explainer was trained
+on it (same model, layer and index).  A target cache (``cache/targets``) is one target pass: it
+is unreferenced when the index of its target set was rebuilt or removed, or when no explainer of
+its model and layer exists.  Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import LaviseError
+from .store import CACHE_KINDS, Entry, Store, dir_size, stable_digest
+
+
+def index_digest(manifest: dict[str, Any]) -> str:
+    """The digest an index is known by in caches and explainers (``DatasetIndex.digest``)."""
+    return stable_digest(manifest.get("inputs", {})) + ":" + str(manifest.get("created", ""))
+
+
+def cache_description(entry: Entry) -> dict[str, Any]:
+    """Model, layer and data of a cache entry (features or targets), from its manifest; {} for other kinds."""
+    m = entry.manifest
+    settings, inputs = m.get("settings", {}), m.get("inputs", {})
+    model = settings.get("model") or (inputs.get("model") or {}).get("model")
+    if entry.kind == "features":
+        data = settings.get("dataset") or inputs.get("dataset")
+        split = settings.get("split") or inputs.get("split")
+        data = f"{data}/{split}" if data and split else data
+    elif entry.kind == "targets":
+        data = settings.get("target")
+    elif entry.kind == "explainers":
+        data = "+".join(settings.get("datasets", [])) or None
+    else:
+        return {}
+    return {"model": model, "layer": settings.get("layer") or inputs.get("layer"), "dataset": data}
+
+
+@dataclass(frozen=True)
+class Unreferenced:
+    entry: Entry
+    reason: str
+    size: int  # bytes on disk, manifest included
+
+
+def unreferenced(store: Store) -> list[Unreferenced]:
+    """Cache entries that nothing in the store refers to, each with why."""
+    indexes = {index_digest(e.manifest) for e in store.list("indexes")}
+    explainers = [e.manifest.get("inputs", {}) for e in store.list("explainers")]
+    found: list[Unreferenced] = []
+    for e in store.list("features"):
+        inp = e.manifest.get("inputs", {})
+        if inp.get("index") not in indexes:
+            reason = "its dataset index was rebuilt or removed"
+        elif not any(x.get("model") == inp.get("model") and x.get("layer") == inp.get("layer")
+                     and inp.get("index") in x.get("datasets", []) for x in explainers):
+            reason = "no explainer was trained on it"
+        else:
+            continue
+        found.append(Unreferenced(e, reason, dir_size(e.path)))
+    for e in store.list("targets"):
+        inp = e.manifest.get("inputs", {})
+        target_indexes = (inp.get("target") or {}).get("datasets") or []
+        if any(d not in indexes for d in target_indexes):
+            reason = "the index of its target set was rebuilt or removed"
+        elif not any(x.get("model") == inp.get("model") and x.get("layer") == inp.get("layer") for x in explainers):
+            reason = "no explainer of its model and layer exists"
+        else:
+            continue
+        found.append(Unreferenced(e, reason, dir_size(e.path)))
+    return found
+
+
+def collect_garbage(store: Store, dry_run: bool = False) -> list[Unreferenced]:
+    """Remove (unless ``dry_run``) every unreferenced cache entry; returns what was (or would be) removed."""
+    found = unreferenced(store)
+    if not dry_run:
+        for u in found:
+            assert u.entry.kind in CACHE_KINDS
+            try:
+                store.remove(u.entry.kind, u.entry.name)
+            except LaviseError:  # removed meanwhile (another gc)
+                pass
+    return found
