@@ -57,13 +57,13 @@ class TrainResult:
     name: str
     path: Path
     layer: str
-    feature_cache: str
+    feature_cache: str  # "hit" (all reused), "partial" (some datasets' features reused), "miss" (all computed)
     epochs: int
     best_epoch: int
     best_val_loss: float
     seconds: dict[str, float]
     losses: list[dict[str, float]] = field(default_factory=list)
-    pairs: dict[str, int] = field(default_factory=dict)
+    pairs: dict[str, int] = field(default_factory=dict)  # "train_and_val", "train", "val"
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -93,6 +93,19 @@ def merged_concepts(indexes: Sequence[DatasetIndex], emb: Embedding, seen_fracti
     return labels, torch.from_numpy(vecs), seen
 
 
+def validation_split(group: torch.Tensor, settings: TrainSettings, gen: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the training and validation pairs: a seeded split of the images (``group``).
+
+    ``gen`` (seeded with ``settings.seed`` when not given) is advanced as ``train_explainer`` does."""
+    gen = gen if gen is not None else torch.Generator().manual_seed(settings.seed)
+    groups = torch.unique(group)
+    perm = groups[torch.randperm(len(groups), generator=gen)]
+    n_val = int(round(settings.val_fraction * len(groups))) if len(groups) > 1 else 0
+    is_val = torch.isin(group, perm[:n_val])
+    return torch.nonzero(~is_val).squeeze(1), torch.nonzero(is_val).squeeze(1)
+
+
 def train_explainer(
     feats: torch.Tensor,
     target: torch.Tensor,
@@ -114,12 +127,7 @@ def train_explainer(
     device = torch.device(device)
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
-    groups = torch.unique(group)
-    perm = groups[torch.randperm(len(groups), generator=gen)]
-    n_val = int(round(settings.val_fraction * len(groups))) if len(groups) > 1 else 0
-    val_groups = perm[:n_val]
-    is_val = torch.isin(group, val_groups)
-    tr_idx, va_idx = torch.nonzero(~is_val).squeeze(1), torch.nonzero(is_val).squeeze(1)
+    tr_idx, va_idx = validation_split(group, settings, gen)
     if len(tr_idx) < 2:
         raise LaviseError("too few training pairs to train an explainer (need at least 2)")
     z = feats.float().to(device)
@@ -313,6 +321,7 @@ def train(
             z, tgt_train, grp, cvecs[train_concepts], settings, device=dev,
             checkpoint=checkpoint_dir / "checkpoint.pt", resume=resume, progress=progress, on_epoch=on_epoch)
         t_train = time.perf_counter() - t1
+        tr_idx, va_idx = validation_split(grp, settings)  # the split train_explainer made, for the counts
         best_val = min((r["val"] for r in losses), default=float("nan"))
         counts = torch.bincount(tgt, minlength=len(concepts)).tolist()
         meta = {
@@ -349,10 +358,11 @@ def train(
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         path = store.path("explainers", ex_name) / EXPLAINER_FILE
         results.append(TrainResult(
-            name=ex_name, path=path, layer=layer, feature_cache="hit" if all(hits) else "miss",
+            name=ex_name, path=path, layer=layer,
+            feature_cache="hit" if all(hits) else ("partial" if any(hits) else "miss"),
             epochs=len(losses), best_epoch=best_epoch, best_val_loss=best_val,
             seconds={"features": round(t_feat, 3), "training": round(t_train, 3)}, losses=losses,
-            pairs={"train_and_val": int(len(z))}))
+            pairs={"train_and_val": int(len(z)), "train": int(len(tr_idx)), "val": int(len(va_idx))}))
     return results
 
 

@@ -227,3 +227,6 @@ def preprocess(
               f"{summary['seen']} seen / {summary['unseen']} unseen)")
     if summary["unmapped"]:
         out.print(f"[yellow]unmapped[/] (no word vector, left out): {', '.join(summary['unmapped'])}")
+    if summary.get("dropped_list"):
+        out.print(f"[yellow]{summary['dropped_images']} image(s) left out[/], each named with the reason in "
+                  f"{summary['dropped_list']}", highlight=False, soft_wrap=True)

@@ -81,20 +81,23 @@ def train(
         docs = [r.as_dict() for r in results]
         emit_json(docs[0] if len(docs) == 1 else {"explainers": docs})
         return
+    cache_text = {"hit": "[green]hit[/]", "partial": "partial (some datasets' features reused, the rest computed "
+                  "and cached)", "miss": "miss (computed and cached)"}
     for r in results:
         t = Table(title=f"explainer {r.name}")
         t.add_column("")
-        t.add_column("value")
+        t.add_column("value", overflow="fold")
         t.add_row("layer", r.layer)
-        t.add_row("feature cache", "[green]hit[/]" if r.feature_cache == "hit" else "miss (computed and cached)")
-        t.add_row("pairs (train + validation)", str(r.pairs["train_and_val"]))
+        t.add_row("feature cache", cache_text.get(r.feature_cache, r.feature_cache))
+        t.add_row("pairs, training", str(r.pairs["train"]))
+        t.add_row("pairs, validation", str(r.pairs["val"]))
         t.add_row("epochs", f"{r.epochs} (best {r.best_epoch})")
         if r.losses:
             t.add_row("validation loss", f"{r.losses[0]['val']:.3f} → best {r.best_val_loss:.3f}")
         t.add_row("time, feature pass", f"{r.seconds['features']:.1f} s")
         t.add_row("time, training", f"{r.seconds['training']:.1f} s")
-        t.add_row("saved", str(r.path))
         out.print(t)
+        out.print(f"saved {r.path}", highlight=False, soft_wrap=True)  # whole, on its own line (never cut to "…")
 
 
 @app.command()

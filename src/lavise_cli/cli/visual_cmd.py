@@ -208,9 +208,8 @@ def report(
         return
     t = Table(title=f"report · {doc['explainer']} · {method} · {doc['target']}")
     t.add_column("")
-    t.add_column("value")
-    t.add_row("page", str(page))
-    t.add_row("thumbnails", f"{n_thumbs} in {files}")
+    t.add_column("value", overflow="fold")
+    t.add_row("thumbnails", str(n_thumbs))
     t.add_row("filters", str(len(doc["filters"])))
     if evaluation is not None:
         r = evaluation["methods"][method]
@@ -220,4 +219,7 @@ def report(
         t.add_row("recall", "not evaluated")
     t.add_row("time", f"{res['seconds']:.1f} s")
     out.print(t)
+    # Paths whole, on lines of their own (a table would cut them to "…" in a narrow terminal).
+    out.print(f"page {page}", highlight=False, soft_wrap=True)
+    out.print(f"thumbnails {files}", highlight=False, soft_wrap=True)
     info(f"open it with a browser: {Path(page).resolve().as_uri()}")  # percent-encoded: spaces, #, %, ...

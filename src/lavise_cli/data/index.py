@@ -242,6 +242,9 @@ def held_out_images(n: int, fraction: float, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).permutation(n)[:n_out].tolist())
 
 
+DROPPED_FILE = "dropped.txt"  # in the index entry: every image preprocess left out, with the reason
+
+
 def _seen_split(mapped: Sequence[bool], fraction: float, seed: int) -> list[bool]:
     """A seeded split of the mapped concepts, without replacement: ``round(fraction * n)`` seen."""
     idx = np.flatnonzero(np.asarray(mapped, dtype=bool))
@@ -280,13 +283,17 @@ def _build_instances_split(
     probes = _pool_map(_probe, [(str(image_dir / coco.imgs[i]["file_name"]),) for i in img_ids], workers, progress,
                        f"checking {ann_file.stem} images")
     images, pi, pc, rles = [], [], [], []
+    gone: list[tuple[str, str]] = []  # (image file, reason) of every dropped image, for dropped.txt
     for iid, (status, mode, h, w) in zip(img_ids, probes):
         info = coco.imgs[iid]
         if status != "ok":
             dropped[f"images {status}"] += 1
+            gone.append((str(image_dir / info["file_name"]), f"image {status}"))
             continue
         if (h, w) != (info["height"], info["width"]):
             dropped["images whose size differs from the annotation"] += 1
+            gone.append((str(image_dir / info["file_name"]),
+                         f"image is {w}x{h}, the annotation says {info['width']}x{info['height']}"))
             continue
         if mode != "RGB":
             dropped[f"images converted from {mode} (kept)"] += 1
@@ -309,7 +316,8 @@ def _build_instances_split(
             pi.append(k)
             pc.append(cat)
             rles.append(counts.decode() if isinstance(counts, bytes) else counts)
-    return {"images": images, "pair_image": pi, "pair_cat": pc, "rle": rles, "dropped": dict(dropped)}, cats
+    return {"images": images, "pair_image": pi, "pair_cat": pc, "rle": rles, "dropped": dict(dropped),
+            "dropped_images": gone}, cats
 
 
 def _build_panoptic_split(
@@ -340,16 +348,21 @@ def _build_panoptic_split(
     probes = _pool_map(_probe, [(str(image_dir / imgs[i]["file_name"]),) for i in order], workers, progress,
                        f"checking {ann_file.stem} images")
     images, pi, pc, rles = [], [], [], []
+    gone: list[tuple[str, str]] = []  # (image file, reason) of every dropped image, for dropped.txt
     for iid, (mstatus, cat_rles, mh, mw), (status, mode, h, w) in zip(order, masks, probes):
         info = imgs[iid]
         if status != "ok":
             dropped[f"images {status}"] += 1
+            gone.append((str(image_dir / info["file_name"]), f"image {status}"))
             continue
         if mstatus != "ok":
             dropped[f"images with a {mstatus}"] += 1
+            gone.append((str(image_dir / info["file_name"]), f"image with a {mstatus}"))
             continue
         if (h, w) != (info["height"], info["width"]) or (mh, mw) != (h, w):
             dropped["images whose size differs from the annotation"] += 1
+            gone.append((str(image_dir / info["file_name"]), f"image is {w}x{h}, its mask {mw}x{mh}, "
+                         f"the annotation says {info['width']}x{info['height']}"))
             continue
         if mode != "RGB":
             dropped[f"images converted from {mode} (kept)"] += 1
@@ -362,7 +375,8 @@ def _build_panoptic_split(
             pi.append(k)
             pc.append(cat)
             rles.append(counts)
-    return {"images": images, "pair_image": pi, "pair_cat": pc, "rle": rles, "dropped": dict(dropped)}, cats
+    return {"images": images, "pair_image": pi, "pair_cat": pc, "rle": rles, "dropped": dict(dropped),
+            "dropped_images": gone}, cats
 
 
 def preprocess(
@@ -490,6 +504,12 @@ def preprocess(
             "image_dirs": built_all.image_dirs,
         }
         (tmp / "concepts.json").write_text(json.dumps(concepts_doc, indent=1))
+        gone = [(sp, f, why) for sp, b in built.items() for f, why in b.get("dropped_images", [])]
+        if gone:  # name every dropped image, with why: one line each, tab-separated
+            (tmp / DROPPED_FILE).write_text("# split\timage\treason\n"
+                                            + "".join(f"{sp}\t{f}\t{why}\n" for sp, f, why in gone))
+            summary["dropped_images"] = len(gone)
+            summary["dropped_list"] = str(store.path("indexes", dataset) / DROPPED_FILE)
         summary.update(
             concepts=len(labels),
             mapped=sum(mapped),

@@ -168,13 +168,16 @@ def build_vg(settings: dict[str, Any], options: dict[str, Any], workers: int, pr
     files = [_image_file(root, dirs, iid, image_meta.get(iid)) for iid in ids]
     probes = _pool_map(_probe, [(str(root / f),) for f in files], workers, progress, "checking Visual Genome images")
     kept: list[tuple[int, str, int, int]] = []
+    gone: list[tuple[str, str]] = []  # (image file, reason) of every dropped image, for dropped.txt
     for iid, f, (status, mode, h, w) in zip(ids, files, probes):
         meta = image_meta.get(iid)
         if status != "ok":
             dropped[f"images {status}"] += 1
+            gone.append((str(root / f), f"image {status}"))
             continue
         if meta is not None and (h, w) != (meta.get("height"), meta.get("width")):
             dropped["images whose size differs from the annotation"] += 1
+            gone.append((str(root / f), f"image is {w}x{h}, the annotation says {meta.get('width')}x{meta.get('height')}"))
             continue
         if mode != "RGB":
             dropped[f"images converted from {mode} (kept)"] += 1
@@ -215,6 +218,7 @@ def build_vg(settings: dict[str, Any], options: dict[str, Any], workers: int, pr
             sp["pair_cat"].append(c)
             sp["rle"].append(r)
     splits["train"]["dropped"].update(dropped)
+    splits["train"]["dropped_images"] = gone  # counted with train's, as the reasons above
     for sp in splits.values():
         sp["dropped"] = {k: v for k, v in sp["dropped"].items() if v}
     info = {"image_split": {"val_fraction": val_fraction, "seed": seed,
