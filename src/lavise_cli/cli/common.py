@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -98,8 +101,107 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:,.1f} {unit}/s" if speed else f"- {unit}/s", style="progress.data.speed")
 
 
+def _duration(seconds: float) -> str:
+    """3 s, 2 min 19 s, 1 h 05 min."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+class PlainProgress(Progress):
+    """Progress for a stderr that is no terminal (CI logs, ``nohup``, SLURM): plain lines instead of bars.
+
+    The same API as Rich's (``add_task``/``update``/``advance``), no live display; a task prints
+    a line when ``interval`` seconds passed since its last one, and a final line when it is done,
+    e.g. ``feature pass resnet18: 120/5000 images (2.4 %), 35.1 img/s, 2 min 19 s left``.
+    """
+
+    def __init__(self, *columns: Any, interval: float = 5.0, transfer: bool = False, **kw: Any):
+        super().__init__(*columns, disable=True, **kw)
+        self.interval = interval
+        self.transfer = transfer
+        self._printed: dict[Any, float] = {}  # task id -> time of its last line
+        self._finished: set[Any] = set()
+        self._line_lock = threading.Lock()
+
+    def add_task(self, description: str, *args: Any, **kw: Any) -> Any:
+        task_id = super().add_task(description, *args, **kw)
+        self._printed[task_id] = time.monotonic()
+        return task_id
+
+    def update(self, task_id: Any, **kw: Any) -> None:
+        super().update(task_id, **kw)
+        self._report(task_id)
+
+    def advance(self, task_id: Any, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._report(task_id)
+
+    def _amount(self, n: float) -> str:
+        return human_size(n) if self.transfer else f"{int(n):,}"
+
+    def line(self, task: Task) -> str:
+        """One plain line for ``task``: done/total, percent, rate, time left (or taken, once done)."""
+        if task.total is None:  # no count to show: how long it has been running, or took
+            took = _duration(task.elapsed or 0.0)
+            return f"{task.description}: done in {took}" if task.id in self._finished else \
+                f"{task.description}: running for {took}"
+        unit = task.fields.get("unit", "it")
+        units = {"img": "images", "it": "items", "epoch": "epochs", "filter": "filters"}.get(unit, unit)
+        parts = [f"{task.description}: {self._amount(task.completed)}"
+                 + (f"/{self._amount(task.total)}" if task.total is not None else "")
+                 + ("" if self.transfer else f" {units}")
+                 + (f" ({task.percentage:.1f} %)" if task.total else "")]
+        speed = task.finished_speed or task.speed
+        if speed:
+            parts.append(f"{human_size(speed)}/s" if self.transfer else f"{speed:,.1f} {unit}/s")
+        if task.finished:
+            parts.append(f"done in {_duration(task.finished_time or task.elapsed or 0.0)}")
+        elif task.time_remaining is not None:
+            parts.append(f"{_duration(task.time_remaining)} left")
+        return ", ".join(parts)
+
+    def _report(self, task_id: Any, final: bool = False) -> None:
+        with self._line_lock:
+            if task_id in self._finished:
+                return
+            task = self._tasks.get(task_id)
+            if task is None:
+                return
+            now = time.monotonic()
+            done = task.finished or final
+            if not done and now - self._printed.get(task_id, now) < self.interval:
+                return
+            self._printed[task_id] = now
+            if done:
+                self._finished.add(task_id)
+                if task.total is not None and task.finished_time is None:
+                    task.finished_time = task.elapsed  # ended early (e.g. early stopping): the time taken
+            err.print(self.line(task), markup=False, highlight=False, soft_wrap=True)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:  # a final line for tasks that never said they were done (e.g. no total)
+            for task_id in list(self._tasks):
+                self._report(task_id, final=True)
+        super().__exit__(exc_type, exc, tb)
+
+
+def progress_interval() -> float:
+    """Seconds between plain progress lines: LAVISE_PROGRESS_SECONDS, default 5."""
+    try:
+        return max(0.0, float(os.environ.get("LAVISE_PROGRESS_SECONDS", "5")))
+    except ValueError:
+        return 5.0
+
+
 def progress(transfer: bool = False) -> Progress:
-    """A Rich progress bar on stderr (hidden with --quiet)."""
+    """A Rich progress bar on stderr (hidden with --quiet); plain lines every few seconds when
+    stderr is no terminal (see :class:`PlainProgress`)."""
+    if not state.quiet and not err.is_terminal:
+        return PlainProgress(interval=progress_interval(), transfer=transfer, console=err)
     if transfer:
         cols = [
             TextColumn("[bold]{task.description}"),
