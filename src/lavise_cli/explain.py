@@ -17,7 +17,7 @@ from .errors import LaviseError
 from .explainer import LoadedExplainer
 from .target import TargetCache
 
-METHODS = ("attention", "original", "activation-masking", "image-masking", "netdissect")
+from .defaults import METHODS  # noqa: E402  (defined there so that the CLI reads it without torch)
 EPS = 1e-8
 
 

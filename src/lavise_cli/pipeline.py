@@ -21,7 +21,7 @@ from .models import TargetModel, backbone, backbone_input, capture, forward_to, 
 from .store import Entry, Store, atomic_write_json, stable_digest
 from .target import TargetCache, TargetSet, folder_target, labelled_target, target_pass
 
-ALL_METHODS = ("attention", "activation-masking", "image-masking", "original", "netdissect", "frequency")
+from .defaults import ALL_METHODS  # noqa: E402  (defined there so that the CLI reads it without torch)
 
 
 @dataclass

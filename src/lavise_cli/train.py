@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .data.images import TRAINING_IMAGES_FILE, View, image_identities, named_views
+from .defaults import TrainSettings  # defined there so that the CLI reads its defaults without torch
 from .data.index import DatasetIndex, _seen_split, load_index
 from .embeddings import Embedding, load_embedding
 from .errors import LaviseError
@@ -22,21 +23,6 @@ from .explainer import EXPLAINER_FILE, Explainer, hinge_rank_loss, save_explaine
 from .features import reference_features
 from .models import default_layer, load_model, resolve_device, resolve_layer
 from .store import Store, stable_digest
-
-
-@dataclass
-class TrainSettings:
-    """Defaults: AdamW, lr 1e-3, weight decay 1e-2, batch 256, up to 60 epochs, patience 10."""
-
-    epochs: int = 60
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    batch_size: int = 256
-    patience: int = 10
-    val_fraction: float = 0.1
-    margin: float = 1.0
-    seed: int = 0
-    seen_fraction: float | None = None  # train on the seen concepts only
 
 
 @dataclass

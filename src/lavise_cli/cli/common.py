@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import sys
@@ -32,6 +33,17 @@ from rich.progress import (
 from ..download import human_size  # noqa: F401  (one unit system: binary, as the bars)
 from ..errors import LaviseError
 from ..store import Store
+
+def lazy(module: str, name: str) -> Any:
+    """``lavise_cli.<module>.<name>``, imported at its first call: the command modules import no
+    torch when they load, so `lavise --version`, `--help` and `lavise store` start fast."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(f"lavise_cli.{module}"), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
 
 # Results go to stdout; progress bars and messages to stderr, so `--json` stays parseable.
 out = Console()

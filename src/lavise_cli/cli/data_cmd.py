@@ -8,12 +8,13 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..data.index import preprocess as preprocess_dataset
-from ..data.index import register_instances_file
 from ..errors import LaviseError
 from ..store import CACHE_KINDS, KINDS, discard
 from .app import app
-from .common import emit_json, handle_errors, human_size, info, out, progress, state
+from .common import emit_json, handle_errors, human_size, info, lazy, out, progress, state
+
+preprocess_dataset = lazy("data.index", "preprocess")
+register_instances_file = lazy("data.index", "register_instances_file")
 
 # No help= here: the callback's docstring (with its examples) is the group's --help.
 store_app = typer.Typer(no_args_is_help=False, rich_markup_mode="rich")

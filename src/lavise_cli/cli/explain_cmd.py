@@ -12,21 +12,20 @@ import typer
 from rich.table import Table
 
 from ..errors import LaviseError
-from ..explain import METHODS, parse_filters
-from ..pipeline import (
-    ALL_METHODS,
-    evaluate_methods,
-    explanation_doc,
-    nan_to_none,
-    netdissect_words,
-    open_explainer,
-    open_session,
-    run_explain,
-    save_result,
-    vocabulary_for,
-)
+from ..defaults import ALL_METHODS, METHODS
 from .app import app
-from .common import emit_json, handle_errors, info, out, progress, state, warn_trained_on
+from .common import emit_json, handle_errors, info, lazy, out, progress, state, warn_trained_on
+
+parse_filters = lazy("explain", "parse_filters")
+evaluate_methods = lazy("pipeline", "evaluate_methods")
+explanation_doc = lazy("pipeline", "explanation_doc")
+nan_to_none = lazy("pipeline", "nan_to_none")
+netdissect_words = lazy("pipeline", "netdissect_words")
+open_explainer = lazy("pipeline", "open_explainer")
+open_session = lazy("pipeline", "open_session")
+run_explain = lazy("pipeline", "run_explain")
+save_result = lazy("pipeline", "save_result")
+vocabulary_for = lazy("pipeline", "vocabulary_for")
 
 _EXPLAINER = typer.Option(None, "--explainer", "-e", help="Explainer name (default: the latest trained).")
 _DATASET = typer.Option([], "--dataset", help="Labelled target set(s) (default: the explainer's datasets).")

@@ -8,10 +8,13 @@ import typer
 from rich.table import Table
 
 from ..errors import LaviseError
-from ..models import layer_shapes, load_model
-from ..train import TrainSettings, train as train_fn
+from ..defaults import TrainSettings
 from .app import app
-from .common import emit_json, handle_errors, info, out, progress, state
+from .common import emit_json, handle_errors, info, lazy, out, progress, state
+
+layer_shapes = lazy("models", "layer_shapes")
+load_model = lazy("models", "load_model")
+train_fn = lazy("train", "train")
 
 _D = TrainSettings()
 

@@ -4,30 +4,42 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 from rich.table import Table
 
 from ..errors import LaviseError
-from ..explain import METHODS, parse_filters
-from ..pipeline import (
-    Session,
+from ..defaults import METHODS
+from ..store import stable_digest
+from .app import app
+from .common import emit_json, handle_errors, info, lazy, out, progress, state, warn_trained_on
+from .explain_cmd import (  # shared options, and the library's functions (imported at their first call)
+    _BATCH,
+    _DATASET,
+    _DEVICE,
+    _EXPLAINER,
+    _SPLIT,
+    _VOCAB,
+    _VOCAB_SIZE,
     evaluate_methods,
     explanation_doc,
     nan_to_none,
     netdissect_words,
     open_explainer,
     open_session,
+    parse_filters,
     run_explain,
     save_result,
     vocabulary_for,
 )
-from ..store import stable_digest
-from ..visualize import build_report, files_dir_for, heatmap_paths
-from .app import app
-from .common import emit_json, handle_errors, info, out, progress, state, warn_trained_on
-from .explain_cmd import _BATCH, _DATASET, _DEVICE, _EXPLAINER, _SPLIT, _VOCAB, _VOCAB_SIZE  # shared options
+
+if TYPE_CHECKING:
+    from ..pipeline import Session
+
+build_report = lazy("visualize", "build_report")
+files_dir_for = lazy("visualize", "files_dir_for")
+heatmap_paths = lazy("visualize", "heatmap_paths")
 
 _METHOD = typer.Option("attention", "--method", "-m", help=f"One of: {', '.join(METHODS)}.")
 _P = typer.Option(25, "--explain-images", "-p",
