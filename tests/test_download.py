@@ -744,6 +744,30 @@ def test_cli_store_rm_of_a_from_dataset_leaves_the_folder(cli: Any, tmp_path: Pa
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
 
 
+def test_cli_glove_from_a_folder(cli: Any, tmp_path: Path) -> None:
+    """A folder holding exactly one vector file is that file; otherwise one line says what is needed."""
+    pytest.importorskip("lavise_cli.embeddings")
+    home = ("--home", str(tmp_path / "home"))
+    folder = tmp_path / "glove"
+    folder.mkdir()
+    (folder / "README").write_text("not vectors")
+    empty = cli(*home, "download", "glove", "--from", str(folder))
+    assert empty.exit_code == DataError.exit_code and "Traceback" not in empty.output
+    msg = " ".join(empty.stderr.split())
+    assert "folder with no word-vector file" in msg and "does not exist" not in msg, msg
+    (folder / "tiny.glove.txt").write_text("dog 0.1 0.2 0.3\ncat 0.2 0.1 0.0\n")
+    one = cli(*home, "download", "glove", "--from", str(folder), "--json")
+    assert one.exit_code == 0, one.output
+    doc = json.loads(one.stdout)
+    assert doc["name"] == "tiny.glove" and doc["settings"]["source"] == str((folder / "tiny.glove.txt").resolve())
+    (folder / "other.vec").write_text("dog 0.1 0.2 0.3\n")
+    two = cli(*home, "download", "glove", "--from", str(folder))
+    assert two.exit_code == DataError.exit_code and "Traceback" not in two.output
+    msg = " ".join(two.stderr.split())
+    assert "2 word-vector files" in msg and "other.vec" in msg and "tiny.glove.txt" in msg, msg
+    assert len([ln for ln in two.stderr.splitlines() if ln.strip()]) == 1  # one line, however long
+
+
 def test_cli_glove_from_file(cli: Any, tmp_path: Path) -> None:
     pytest.importorskip("lavise_cli.embeddings")
     vectors = tmp_path / "tiny.glove.txt"

@@ -531,6 +531,26 @@ def test_cli_no_explainer_yet(cli: Any) -> None:
     assert_clear_error(cli("-q", "explain", "--all", "--image-dir", "."), "train")
 
 
+def test_cli_explain_csv_matches_its_help_and_names_the_sum(trained: dict[str, Any]) -> None:
+    from lavise_cli.cli.explain_cmd import CSV_COLUMNS
+
+    home = trained["home"]
+    res = run_cli(home, "-q", "explain", "-f", "0,1", "-p", "6", "--csv")
+    assert res.exit_code == 0, res.output
+    header = next(csv.reader(io.StringIO(res.stdout)))
+    assert tuple(header) == CSV_COLUMNS
+    helptext = " ".join(run_cli(home, "explain", "--help").stdout.replace("│", " ").split())
+    assert ", ".join(header) in helptext, helptext  # --help lists exactly the columns printed
+    rows = list(csv.DictReader(io.StringIO(res.stdout)))
+    doc = json.loads(run_cli(home, "-q", "explain", "-f", "0,1", "-p", "6", "--json").stdout)
+    words = [w for f in doc["filters"] for w in f["words"]]
+    assert [float(r["similarity_sum"]) for r in rows] == [w["similarity_sum"] for w in words]
+    for w in words:
+        assert w["similarity"] == w["similarity_sum"]  # the old key, kept for compatibility
+        assert w["similarity_sum"] <= w["images"] + 1e-6  # a sum of cosines, one per image naming it
+    assert any(w["similarity_sum"] > 1 for w in words)  # why it is not called a similarity
+
+
 def test_cli_explain_json_csv_and_saved(trained: dict[str, Any]) -> None:
     home, store = trained["home"], trained["store"]
     res = run_cli(home, "-q", "explain", "-f", "0,3-4", "-p", "5", "-s", "3", "-k", "2", "--json")

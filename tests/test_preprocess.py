@@ -323,6 +323,40 @@ def test_cli_all_bad_data_at_once(cli: Any, small_glove: Path, make_coco: Any) -
     assert "unmapped" in flat and "zzqx blorf" in flat
 
 
+def test_dropped_images_are_named_in_dropped_txt(cli: Any, small_glove: Path, make_coco: Any) -> None:
+    kinds = ["missing", "truncated", "garbage", "gray"]
+    images = [OK_IMAGE] + [{"id": 10 + k, "file_name": f"{kind}.jpg", "width": 40, "height": 24, "kind": kind}
+                           for k, kind in enumerate(kinds)]
+    images.append({"id": 20, "file_name": "wrong-size.jpg", "width": 40, "height": 24, "file_size": (40, 30)})
+    anns = [make_coco.polygon(1 + k, im["id"], 18, SQUARE) for k, im in enumerate(images)]
+    root = make_coco(images=images, annotations=anns)
+    cli.json("download", "coco", "--from", str(root), "--name", "bad")
+    cli.json("download", "glove", "--from", str(small_glove))
+    doc = cli.json("preprocess", "bad")
+    listed = Path(doc["dropped_list"])
+    assert listed == Path(cli.json("store", "--kind", "indexes")["entries"][0]["path"]) / "dropped.txt"
+    rows = [ln.split("\t") for ln in listed.read_text().splitlines() if not ln.startswith("#")]
+    img_dir = root / "val2017"
+    assert sorted(rows) == sorted([
+        ["val", str(img_dir / "missing.jpg"), "image missing"],
+        ["val", str(img_dir / "truncated.jpg"), "image corrupt"],
+        ["val", str(img_dir / "garbage.jpg"), "image corrupt"],
+        ["val", str(img_dir / "wrong-size.jpg"), "image is 40x30, the annotation says 40x24"],
+    ])  # the grayscale image is converted and kept: not listed
+    assert doc["dropped_images"] == 4
+    # The table run says where, in one line.
+    table = cli("preprocess", "bad", "--force")
+    assert table.exit_code == 0, table.output
+    (line,) = [ln for ln in table.stdout.splitlines() if "dropped.txt" in ln]
+    assert "4 image(s) left out" in line and str(listed) in line
+    # A clean dataset has no list.
+    clean = make_coco(root.parent / "clean")
+    cli.json("download", "coco", "--from", str(clean), "--name", "clean")
+    doc = cli.json("preprocess", "clean")
+    assert "dropped_list" not in doc
+    assert not (Path(cli.json("store", "--kind", "indexes")["entries"][1]["path"]) / "dropped.txt").exists()
+
+
 def test_concept_missing_from_vocabulary_is_unmapped(small_store: Store, make_coco: Any) -> None:
     cats = make_coco.default_categories + [{"id": 90, "name": "zzqx blorf"}, {"id": 91, "name": "zzqx dog"}]
     poly = make_coco.polygon

@@ -384,6 +384,115 @@ def test_cli_store_lists_entries_with_sizes(cli: Any, store: Store, make_coco: A
         assert word in table.stdout
 
 
+def test_sizes_count_what_is_on_disk_now(cli: Any, store: Store) -> None:
+    """An explainer's results/ (explanations, heatmaps, reports) is written after its manifest: it counts."""
+    with store.writing("explainers", "ex") as tmp:
+        (tmp / "explainer.safetensors").write_bytes(b"\0" * 1000)
+    assert store.get("explainers", "ex").size == 1000
+    results = store.path("explainers", "ex") / "results"
+    (results / "heatmaps").mkdir(parents=True)
+    (results / "heatmaps" / "filter-0001.png").write_bytes(b"\0" * 50_000)
+    (results / "report.html").write_bytes(b"\0" * 7_000)
+    assert store.get("explainers", "ex").size == 58_000
+    (entry,) = cli.json("store")["entries"]
+    assert entry["size"] == 58_000
+    table = cli("store")
+    assert "56.6 KiB" in table.stdout, table.stdout
+
+
+def _cache(store: Store, kind: str, name: str, inputs: dict[str, Any], settings: dict[str, Any],
+           size: int = 100) -> None:
+    with store.writing(kind, name, inputs=inputs, settings=settings) as tmp:
+        (tmp / "z.bin").write_bytes(b"\1" * size)
+
+
+MODEL_A = {"model": "resnet18", "weights": "none", "weights_digest": "aa"}
+MODEL_B = {"model": "resnet50", "weights": "none", "weights_digest": "bb"}
+
+
+def _gc_store(store: Store) -> dict[str, str]:
+    """Two indexes, one explainer (resnet18 layer4 on index one), and caches that are or are not referred to."""
+    from lavise_cli.cleanup import index_digest
+
+    _write(store, "one", "x", kind="indexes", inputs={"dataset": "one"})
+    _write(store, "two", "x", kind="indexes", inputs={"dataset": "two"})
+    d1 = index_digest(store.get("indexes", "one").manifest)
+    d2 = index_digest(store.get("indexes", "two").manifest)
+    _write(store, "ex", "x", kind="explainers", inputs={"model": MODEL_A, "layer": "layer4", "datasets": [d1]},
+           settings={"model": "resnet18", "layer": "layer4", "datasets": ["one"]})
+    feat = lambda model, layer, index, ds: ({"model": model, "layer": layer, "index": index, "split": "train"},  # noqa: E731
+                                            {"model": model["model"], "layer": layer, "dataset": ds, "split": "train"})
+    _cache(store, "features", "f-used", *feat(MODEL_A, "layer4", d1, "one"))
+    _cache(store, "features", "f-other-index", *feat(MODEL_A, "layer4", d2, "two"), size=300)  # no explainer
+    _cache(store, "features", "f-stale-index", *feat(MODEL_A, "layer4", "gone:2020", "one"), size=500)
+    _cache(store, "features", "f-other-layer", *feat(MODEL_A, "layer3", d1, "one"), size=700)
+    tgt = lambda model, layer, ds: ({"model": model, "layer": layer, "target": {"datasets": ds, "split": "val"}},  # noqa: E731
+                                    {"layer": layer, "target": "one/val"})
+    _cache(store, "targets", "t-used", *tgt(MODEL_A, "layer4", [d1]))
+    _cache(store, "targets", "t-folder", *tgt(MODEL_A, "layer4", None))  # an --image-dir target: kept
+    _cache(store, "targets", "t-other-model", *tgt(MODEL_B, "layer4", [d1]), size=1100)
+    _cache(store, "targets", "t-stale-index", *tgt(MODEL_A, "layer4", ["gone:2020"]), size=1300)
+    return {"d1": d1, "d2": d2}
+
+
+def test_cli_store_gc_removes_only_unreferenced_caches(cli: Any, store: Store) -> None:
+    _gc_store(store)
+    doomed = {"f-other-index", "f-stale-index", "f-other-layer", "t-other-model", "t-stale-index"}
+    kept = {"f-used", "t-used", "t-folder"}
+    dry = cli.json("store", "gc", "--dry-run")
+    assert dry["dry_run"] and {r["name"] for r in dry["removed"]} == doomed
+    assert all(store.exists(r["kind"], r["name"]) for r in dry["removed"])  # a dry run removes nothing
+    on_disk = sum(sum(f.stat().st_size for f in store.path(r["kind"], r["name"]).rglob("*") if f.is_file())
+                  for r in dry["removed"])
+    assert dry["freed"] == on_disk and on_disk > 300 + 500 + 700 + 1100 + 1300
+    reasons = {r["name"]: r["reason"] for r in dry["removed"]}
+    assert "rebuilt or removed" in reasons["f-stale-index"] and "no explainer" in reasons["f-other-layer"]
+    assert "rebuilt or removed" in reasons["t-stale-index"] and "no explainer" in reasons["t-other-model"]
+
+    r = cli("store", "gc")
+    assert r.exit_code == 0, r.output
+    assert "5 unreferenced cache(s)" in r.stderr and "freed" in r.stderr, r.stderr
+    left = {e.name for e in store.list("features") + store.list("targets")}
+    assert left == kept
+    again = cli("store", "gc")
+    assert again.exit_code == 0 and "nothing to remove" in again.stderr
+    # Removing the explainer leaves its caches unreferenced (the --image-dir target too).
+    cli("store", "rm", "explainers", "ex")
+    assert {r["name"] for r in cli.json("store", "gc")["removed"]} == kept
+
+
+def test_cli_store_describes_caches(cli: Any, store: Store) -> None:
+    _gc_store(store)
+    doc = cli.json("store")
+    by_name = {e["name"]: e for e in doc["entries"]}
+    assert by_name["f-used"]["model"] == "resnet18" and by_name["f-used"]["layer"] == "layer4"
+    assert by_name["f-used"]["dataset"] == "one/train"
+    assert by_name["t-used"]["dataset"] == "one/val" and by_name["t-used"]["model"] == "resnet18"
+    assert by_name["t-other-model"]["model"] == "resnet50"
+    assert "model" not in by_name["one"]  # an index: nothing to add
+    table = cli("store", env={"COLUMNS": "80"})
+    flat = " ".join(table.stdout.split())
+    assert "resnet18 · layer4 · one/train" in flat and "resnet50 · layer4 · one/val" in flat, table.stdout
+
+
+def test_index_digest_is_what_caches_and_explainers_record(store: Store, make_coco: Any, small_glove: Path) -> None:
+    from lavise_cli.cleanup import index_digest
+
+    register_coco(store, make_coco(), "tiny")
+    register_embedding(store, small_glove, name="small")
+    preprocess(store, "tiny", workers=1)
+    assert index_digest(store.get("indexes", "tiny").manifest) == load_index(store, "tiny").digest
+
+
+def test_cli_store_paths_stay_whole_in_a_narrow_terminal(cli: Any, tmp_path: Path) -> None:
+    home = tmp_path / ("a-rather-long-folder-name-" * 4) / "home"
+    _write(Store(home), "r1", "x")
+    r = cli("store", home=home, env={"COLUMNS": "60"})
+    assert r.exit_code == 0, r.output
+    assert str(home.resolve()) in r.stdout.replace("\n", "")  # whole, not cut to "…"
+    assert "…" not in r.stdout
+
+
 def test_cli_store_rm(cli: Any, store: Store) -> None:
     _write(store, "r1", "x")
     _write(store, "r2", "y")

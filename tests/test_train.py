@@ -22,6 +22,7 @@ from torch import nn
 
 from lavise_cli.explainer import Explainer, hinge_rank_loss
 from lavise_cli.train import TrainSettings, evaluate_loss, train_explainer
+from conftest import assert_clear_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -313,6 +314,54 @@ def test_seen_fraction_trains_on_seen_concepts_only(cli: Any, store: Any, gen_da
     assert meta["trained_concepts"] == ix.concepts and all(meta["seen"])
     assert meta["pairs"] == len(split.pair_concept)
     assert doc["feature_cache"] == "hit"
+
+
+def test_cli_bad_views_is_a_usage_error(cli: Any, gen_dataset: str) -> None:
+    r = cli("train", "resnet18", gen_dataset, "--weights", "none", "--views", "foo")
+    assert r.exit_code == 2  # a bad option value, like Typer's own (not 3: bad data)
+    assert_clear_error(r, "unknown view 'foo'", "full, flip, crop, crop-flip")
+
+
+def test_train_reports_pair_counts_and_a_partial_feature_cache(cli: Any, store: Any, gen_dataset: str,
+                                                               make_coco: Any, tmp_path: Path) -> None:
+    from lavise_cli.data.index import load_index, preprocess
+    from lavise_cli.download import register_coco
+    from lavise_cli.train import validation_split
+
+    args = ("--weights", "none", "--input-size", "64", "--epochs", "1", "--val-fraction", "0.34")
+    one = cli.json("train", "resnet18", gen_dataset, *args, "--name", "one")
+    assert one["feature_cache"] == "miss"
+    pairs = one["pairs"]
+    assert pairs["train"] + pairs["val"] == pairs["train_and_val"] == len(load_index(store, gen_dataset)
+                                                                         .splits["train"].pair_concept)
+    assert pairs["val"] > 0 and pairs["train"] > 0
+    # The counts are those of the split train_explainer made: one image of three held out.
+    from lavise_cli.train import TrainSettings
+
+    img = load_index(store, gen_dataset).splits["train"].pair_image
+    tr, va = validation_split(torch.as_tensor(img), TrainSettings(val_fraction=0.34))
+    assert (len(tr), len(va)) == (pairs["train"], pairs["val"])
+
+    # A second dataset: its features are computed, the first one's reused -> "partial".
+    register_coco(store, make_coco(tmp_path / "coco2", split="train"), "gen2")
+    preprocess(store, "gen2", embedding="small", seen_fraction=0.7)
+    both = cli("train", "resnet18", gen_dataset, "gen2", *args, "--name", "both")
+    assert both.exit_code == 0, both.output
+    flat = " ".join(both.stdout.split())
+    assert "feature cache │ partial" in flat, both.stdout
+    assert "pairs, training" in flat and "pairs, validation" in flat
+    again = cli.json("train", "resnet18", gen_dataset, "gen2", *args, "--name", "both")
+    assert again["feature_cache"] == "hit"
+    assert again["pairs"]["train"] + again["pairs"]["val"] == again["pairs"]["train_and_val"] == 2 * pairs["train_and_val"]
+
+
+def test_cli_train_table_keeps_the_path_whole(cli: Any, gen_dataset: str) -> None:
+    r = cli("train", "resnet18", gen_dataset, "--weights", "none", "--input-size", "64", "--epochs", "1",
+            "--name", "a-long-explainer-name-" * 3, env={"COLUMNS": "60"})
+    assert r.exit_code == 0, r.output
+    path = cli.json("store", "--kind", "explainers")["entries"][0]["path"]
+    assert f"saved {path}/explainer.safetensors" in r.stdout, r.stdout
+    assert "…" not in r.stdout
 
 
 @pytest.fixture(scope="module")

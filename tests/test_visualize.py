@@ -17,6 +17,7 @@ import json
 import os
 import select
 import shutil
+import stat
 import subprocess
 import textwrap
 import time
@@ -344,6 +345,34 @@ def test_cli_report_with_recall(squares: dict[str, Any], tmp_path: Path) -> None
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["evaluated"] is False
     assert "Not evaluated" in (tmp_path / "plain.html").read_text()
+
+
+def test_cli_report_link_is_percent_encoded_and_files_follow_the_umask(squares: dict[str, Any],
+                                                                       tmp_path: Path) -> None:
+    home = squares["home"]
+    folder = tmp_path / "my reports #1 100%"
+    page = folder / "layer 4.html"
+    old = os.umask(0o022)
+    try:
+        r = run_cli(home, "report", "--out", page, "-n", "2", "--thumb", "32", "--no-evaluate")
+        h = run_cli(home, "-q", "heatmap", "-f", "1", "-n", "2", "--out", folder / "pics")
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0 and h.exit_code == 0, r.output + h.output
+    (link,) = [ln for ln in r.stderr.splitlines() if "open it with a browser" in ln]
+    uri = link.split("open it with a browser: ", 1)[1].strip()
+    assert uri == page.resolve().as_uri()
+    assert " " not in uri and "#" not in uri and "%23" in uri and "%25" in uri and "%20" in uri
+    from urllib.parse import unquote, urlparse
+
+    assert Path(unquote(urlparse(uri).path)) == page.resolve()  # the link opens the page
+    # The paths of the summary, whole on lines of their own.
+    assert f"page {page.resolve()}" in r.stdout.splitlines()
+    # Heatmaps, the report and its thumbnails: all as the umask says (0644), none 0600.
+    files = [page, *(folder / "layer 4_files").glob("*.jpg"), *(folder / "pics").glob("*.png")]
+    assert len(files) > 3
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, (f, oct(f.stat().st_mode))
 
 
 # ----------------------------------------------------------------------------------------------
