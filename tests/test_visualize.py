@@ -373,6 +373,11 @@ def test_cli_report_link_is_percent_encoded_and_files_follow_the_umask(squares: 
     assert len(files) > 3
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, (f, oct(f.stat().st_mode))
+    # The explainer file too (safetensors alone writes 0600); the fixture ran under this process's umask.
+    from lavise_cli.store import current_umask
+
+    ex = squares["store"].path("explainers", squares["explainer"]) / "explainer.safetensors"
+    assert stat.S_IMODE(ex.stat().st_mode) == 0o666 & ~current_umask()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import LaviseError
+from .store import current_umask
 
 EXPLAINER_FILE = "explainer.safetensors"
 
@@ -75,6 +77,7 @@ def save_explainer(path: Path, module: Explainer, concept_vectors: torch.Tensor,
     tensors["concept_vectors"] = concept_vectors.detach().cpu().float().contiguous()
     header = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
     save_file(tensors, str(path), metadata=header)
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors writes 0600; the user's umask decides
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
