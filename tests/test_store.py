@@ -435,7 +435,14 @@ def _gc_store(store: Store) -> dict[str, str]:
     return {"d1": d1, "d2": d2}
 
 
-def test_cli_store_gc_removes_only_unreferenced_caches(cli: Any, store: Store) -> None:
+def test_cli_store_gc_keeps_a_young_cache_that_a_running_train_may_still_need(cli: Any, store: Store) -> None:
+    _gc_store(store)
+    young = {r["name"] for r in cli.json("store", "gc", "--dry-run")["removed"]}
+    assert young == {"f-stale-index", "t-stale-index"}  # only what a rebuilt index made useless
+
+
+def test_cli_store_gc_removes_only_unreferenced_caches(cli: Any, store: Store, monkeypatch: Any) -> None:
+    monkeypatch.setattr("lavise_cli.cleanup.GRACE_SECONDS", 0.0)
     _gc_store(store)
     doomed = {"f-other-index", "f-stale-index", "f-other-layer", "t-other-model", "t-stale-index"}
     kept = {"f-used", "t-used", "t-folder"}

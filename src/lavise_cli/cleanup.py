@@ -47,8 +47,28 @@ class Unreferenced:
     size: int  # bytes on disk, manifest included
 
 
+GRACE_SECONDS = 3600.0  # a cache this young may belong to a run still under way (a train between its passes)
+
+
+def _young(entry: Entry, now: float) -> bool:
+    import datetime as dt
+
+    try:
+        created = dt.datetime.fromisoformat(entry.created).timestamp()
+    except ValueError:
+        return False
+    return now - created < GRACE_SECONDS
+
+
 def unreferenced(store: Store) -> list[Unreferenced]:
-    """Cache entries that nothing in the store refers to, each with why."""
+    """Cache entries that nothing in the store refers to, each with why.
+
+    A cache that only lacks an explainer is kept for an hour after it was made: a `train` that is
+    still running has made its feature cache but not yet its explainer.
+    """
+    import time
+
+    now = time.time()
     indexes = {index_digest(e.manifest) for e in store.list("indexes")}
     explainers = [e.manifest.get("inputs", {}) for e in store.list("explainers")]
     found: list[Unreferenced] = []
@@ -58,6 +78,8 @@ def unreferenced(store: Store) -> list[Unreferenced]:
             reason = "its dataset index was rebuilt or removed"
         elif not any(x.get("model") == inp.get("model") and x.get("layer") == inp.get("layer")
                      and inp.get("index") in x.get("datasets", []) for x in explainers):
+            if _young(e, now):
+                continue
             reason = "no explainer was trained on it"
         else:
             continue
@@ -68,6 +90,8 @@ def unreferenced(store: Store) -> list[Unreferenced]:
         if any(d not in indexes for d in target_indexes):
             reason = "the index of its target set was rebuilt or removed"
         elif not any(x.get("model") == inp.get("model") and x.get("layer") == inp.get("layer") for x in explainers):
+            if _young(e, now):
+                continue
             reason = "no explainer of its model and layer exists"
         else:
             continue
