@@ -196,11 +196,13 @@ def decoded_batches(paths: Sequence[Path], size: int, mean: Sequence[float], std
 
 
 @torch.inference_mode()
-def bare_forward(net: torch.nn.Module, batches: Sequence[torch.Tensor], channels_last: bool = False) -> "Timer":
-    """Time ``net(x)`` over ``batches`` (inputs already in memory); channels_last converts them first."""
+def bare_forward(net: torch.nn.Module, batches: Sequence[torch.Tensor], channels_last: bool = False,
+                 bf16: bool = False) -> "Timer":
+    """Time ``net(x)`` over ``batches`` (inputs already in memory); channels_last converts them first;
+    ``bf16`` runs the forward under CPU bf16 autocast."""
     if channels_last:
         batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
-    with Timer() as t:
+    with Timer() as t, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for x in batches:
             net(x)
     return t

@@ -27,6 +27,18 @@ from lavise_cli.store import Store
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GLOVE_100K = SHARED_DATA / "glove" / "glove.6B.50d.top100k.txt.gz"
 
+
+
+@pytest.fixture(autouse=True)
+def _cpu_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--precision auto`` resolves as on a CPU without native bf16 (fp32) on every machine, so
+    that tests comparing with fp32 references do not depend on the CPU they run on; tests of bf16
+    ask for it (``precision="bf16"``), tests of ``auto`` fake the CPU flags themselves."""
+    from lavise_cli import runtime
+
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset())
+
+
 # ----------------------------------------------------------------------------------------------
 # Real data
 # ----------------------------------------------------------------------------------------------

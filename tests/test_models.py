@@ -26,6 +26,7 @@ from lavise_cli.models import (
     IMAGENET_STD,
     capture,
     default_layer,
+    forward_to,
     layer_shapes,
     load_model,
     resolve_layer,
@@ -414,3 +415,60 @@ def test_weights_that_cannot_be_downloaded_name_the_offline_options(
     # and nothing else: torch.hub's "Downloading: ..." notice (printed on stdout) is not left behind
     assert result.stdout.strip() == "", result.stdout
     assert [ln for ln in result.stderr.splitlines() if ln.strip()] == errors, result.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# A module called several times in one forward: its LAST call counts (docs/train.md)
+# ------------------------------------------------------------------------------------------
+
+
+def test_layer4_1_relu_captures_the_block_output_not_the_pre_residual_activation() -> None:
+    """torchvision's BasicBlock calls its ``relu`` twice: after bn1, and after the residual add.
+
+    The block's output, i.e. ``layer4``'s, is the second call: a pass over ``layer4.1.relu``
+    (which stops the forward early) must capture exactly that, not the pre-residual activation.
+    """
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(), capture(net, ["layer4"], stop=True) as feats:
+        want = forward_to(net, x, feats)["layer4"].clone()
+    with torch.inference_mode(), capture(net, ["layer4.1.relu"], stop=True) as feats:
+        got = forward_to(net, x, feats)["layer4.1.relu"]
+        assert torch.equal(got, want)
+        # a second batch in the same capture (the call count is known by now) is the same too
+        assert torch.equal(forward_to(net, x, feats)["layer4.1.relu"], want)
+    with torch.inference_mode(), capture(net, ["layer4.1.relu"]) as feats:
+        net(x)
+        assert torch.equal(feats["layer4.1.relu"], want)
+    assert dict(layer_shapes(net, 64))["layer4.1.relu"] == tuple(want.shape[1:])
+
+
+class _TwoScales(nn.Module):
+    """One conv applied at full and at half resolution, then a head that must never run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv(x)
+        b = self.conv(nn.functional.avg_pool2d(x, 2))
+        return self.head(torch.cat([a.mean((2, 3)), b.mean((2, 3))], 1))
+
+
+def test_module_reused_at_two_resolutions_mask_grid_matches_captured_map() -> None:
+    from lavise_cli.features import feature_grids
+    from lavise_cli.models import Preprocess, TargetModel
+
+    torch.manual_seed(0)
+    net = _TwoScales().eval()
+    tm = TargetModel(module=net, name="two-scales", weights="none", weights_digest="x", preprocess=Preprocess(32))
+    grid = feature_grids(tm, ["conv"])["conv"]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode(), capture(net, ["conv"], stop=True) as feats:
+        got = forward_to(net, x, feats)["conv"]
+    assert tuple(got.shape[1:]) == grid == (4, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(got, net.conv(nn.functional.avg_pool2d(x, 2)), rtol=0, atol=0)

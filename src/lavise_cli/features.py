@@ -25,7 +25,8 @@ from .data.images import View, apply_view_masks, model_input, read_rgb
 from .data.index import SplitIndex
 from .data.loader import image_batches
 from .errors import DataError
-from .models import TargetModel, backbone, backbone_input, capture, default_workers, forward_to, layer_shapes
+from .models import TargetModel, capture, forward_to, layer_shapes
+from .runtime import autocast, backbone, backbone_input, default_workers, resolve_precision
 from .store import Store, atomic_write_json, stable_digest
 
 SHARD_PAIRS = 65536
@@ -88,9 +89,12 @@ def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-def feature_key(model: TargetModel, layer: str, split: SplitIndex, index_digest: str, views: Sequence[View]) -> str:
+def feature_key(model: TargetModel, layer: str, split: SplitIndex, index_digest: str, views: Sequence[View],
+                precision: str = "fp32") -> str:
+    """The cache key of a split's pooled features: ``precision`` is the resolved one (fp32, bf16, fp16)."""
     return stable_digest({
         "v": FEATURES_VERSION,
+        "precision": precision,
         "model": model.key(),
         "layer": layer,
         "dataset": split.dataset,
@@ -133,14 +137,18 @@ def reference_features(
     device: torch.device | str = "cpu",
     batch_size: int = 32,
     workers: int | None = None,
+    precision: str = "auto",
     progress: Any = None,
 ) -> dict[str, PairFeatures]:
     """Pooled masked features of every pair of ``split`` at each layer; cached, one backbone pass.
 
     Layers whose cache exists are loaded; the others share a single pass over the images.
+    ``precision`` (auto, fp32, bf16, fp16; see :func:`lavise_cli.runtime.resolve_precision`) is
+    the backbone's autocast precision, part of the cache key.
     """
     device = torch.device(device)
-    keys = {layer: feature_key(model, layer, split, index_digest, views) for layer in layers}
+    precision = resolve_precision(precision, device)
+    keys = {layer: feature_key(model, layer, split, index_digest, views, precision) for layer in layers}
     out: dict[str, PairFeatures] = {}
     todo = [layer for layer in layers if not store.exists("features", keys[layer])]
     for layer in layers:
@@ -162,8 +170,6 @@ def reference_features(
     if workers is None:
         workers = default_workers(device)
     net = backbone(model.module, device)
-    amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     buf: dict[str, dict[str, list[torch.Tensor]]] = {layer: {k: [] for k in ("z", "image", "concept", "view")} for layer in todo}
     buffered = 0
     task = progress.add_task(f"feature pass {model.name}", total=len(with_pairs), completed=state["next"], unit="img") \
@@ -199,7 +205,7 @@ def reference_features(
             state["skipped"].extend(int(it["image"]) for it in batch if not it["ok"])
             if good:
                 x = backbone_input(torch.cat([it["x"] for it in good]), device)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                with autocast(device, precision):
                     forward_to(net, x, feats)
                 # owner of each (image, view, concept) pair: its row in x
                 counts = torch.tensor([len(it["concepts"]) for it in good])
@@ -233,10 +239,10 @@ def reference_features(
             "features",
             keys[layer],
             inputs={"model": model.key(), "layer": layer, "dataset": split.dataset, "split": split.split,
-                    "index": index_digest, "views": [v.as_list() for v in views]},
+                    "index": index_digest, "views": [v.as_list() for v in views], "precision": precision},
             settings={"d": d, "grid": [h, w], "layer": layer, "model": model.name, "dataset": split.dataset,
                       "split": split.split, "views": len(views), "images_skipped": sorted(set(state["skipped"])),
-                      "seconds": seconds},
+                      "seconds": seconds, "precision": precision},
         ) as tmp:
             if src.exists():
                 for p in sorted(src.glob("z-*.safetensors")):

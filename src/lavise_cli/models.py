@@ -7,7 +7,6 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import LaviseError
+from .runtime import backbone, backbone_input, default_workers, one_thread, resolve_device  # noqa: F401 (re-exported)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -324,26 +324,78 @@ class StopForward(Exception):
     """Raised by :func:`capture`'s hooks once every wanted layer has its output."""
 
 
-@contextmanager
-def capture(model: nn.Module, layers: Sequence[str], stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Forward hooks that keep each named layer's output of the latest forward.
+class Captured(dict):
+    """The outputs a :func:`capture` keeps, by layer name: each layer's LAST call in the forward.
 
-    With ``stop=True`` the forward ends as soon as every named layer has produced its output
-    (the rest of the network, e.g. a classifier head, is never run); run it with
-    :func:`forward_to`.
+    A module may run several times in one forward (torchvision's ``BasicBlock.relu`` runs after
+    ``bn1`` and again after the residual add; a module may be reused at two resolutions).  Its
+    last call is what the layer outputs, as :func:`layer_shapes` reports it, so that is what is
+    kept, and an early stop (``stop=True``) waits for it: how many calls each layer makes is
+    counted once per input shape, by a forward of a single image (:meth:`prepare`).
     """
-    feats: dict[str, torch.Tensor] = {}
+
+    def __init__(self, layers: Sequence[str], stop: bool):
+        super().__init__()
+        self.wanted, self.stop = list(dict.fromkeys(layers)), stop
+        self.calls: dict[str, int] = {}  # calls of each wanted layer in the current forward
+        self.expected: dict[str, int] | None = None  # calls per forward, for the current input shape
+        self.known: dict[tuple[int, ...], dict[str, int]] = {}
+        self.probing = False
+
+    def clear(self) -> None:
+        super().clear()
+        self.calls.clear()
+
+    def prepare(self, net: nn.Module, x: torch.Tensor) -> None:
+        """Know how many times each wanted layer runs in ``net``'s forward of inputs shaped like ``x``."""
+        shape = tuple(x.shape[1:])
+        if shape not in self.known:
+            self.clear()
+            self.probing = True
+            try:
+                net(x[:1])
+            except (StopForward, LaviseError):
+                raise
+            except Exception:
+                # The network failed after the layers (e.g. a head that cannot run): the layers'
+                # calls before it are all a stopped forward ever runs.
+                if any(n not in self.calls for n in self.wanted):
+                    raise
+            finally:
+                self.probing = False
+            missing = [n for n in self.wanted if n not in self.calls]
+            if missing:
+                raise LaviseError(f"layer {missing[0]!r} is not run by the model's forward; pick another --layer")
+            self.known[shape] = dict(self.calls)
+            self.clear()
+        self.expected = self.known[shape]
+
+    def record(self, name: str, out: torch.Tensor) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.probing:
+            return
+        self[name] = out
+        if self.stop and self.expected is not None and all(
+                self.calls.get(n, 0) >= self.expected[n] for n in self.wanted):
+            raise StopForward
+
+
+@contextmanager
+def capture(model: nn.Module, layers: Sequence[str], stop: bool = False) -> Iterator[Captured]:
+    """Forward hooks that keep each named layer's output of the latest forward (its last call).
+
+    With ``stop=True`` and :func:`forward_to`, the forward ends as soon as every named layer has
+    made its last call (the rest of the network, e.g. a classifier head, is never run).
+    """
+    feats = Captured(layers, stop)
     handles = []
-    wanted = set(layers)
-    for name in layers:
+    for name in feats.wanted:
         mod = resolve_layer(model, name)
 
         def hook(_m: nn.Module, _i: Any, o: Any, name: str = name) -> None:
             if not isinstance(o, torch.Tensor) or o.dim() != 4:
                 raise LaviseError(f"layer {name!r} does not output a 4-D feature map; pick another --layer")
-            feats[name] = o
-            if stop and wanted.issubset(feats):
-                raise StopForward
+            feats.record(name, o)
 
         handles.append(mod.register_forward_hook(hook))
     try:
@@ -353,68 +405,17 @@ def capture(model: nn.Module, layers: Sequence[str], stop: bool = False) -> Iter
             h.remove()
 
 
-def backbone(module: nn.Module, device: torch.device) -> nn.Module:
-    """The frozen backbone on ``device``, channels-last (faster for convolutions) except on MPS."""
-    net = module.to(device)
-    return net if device.type == "mps" else net.to(memory_format=torch.channels_last)
-
-
-def backbone_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch for :func:`backbone`: on ``device``, in the same memory layout."""
-    x = x.to(device, non_blocking=True)
-    return x if device.type == "mps" else x.contiguous(memory_format=torch.channels_last)
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """torch on one intra-op thread, restored afterwards (many small tensor ops only contend)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def forward_to(net: nn.Module, x: torch.Tensor, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Run ``net(x)`` under a :func:`capture` with ``stop=True``; returns the captured outputs."""
+    """Run ``net(x)`` under a :func:`capture` with ``stop=True``; returns the captured outputs.
+
+    The first batch of each input shape is preceded by a one-image forward that counts the
+    layers' calls (:meth:`Captured.prepare`), so that the stop comes after each one's last call.
+    """
+    if isinstance(feats, Captured) and feats.stop:
+        feats.prepare(net, x)
     feats.clear()
     try:
         net(x)
     except StopForward:
         pass
     return feats
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` = CUDA when available, then MPS, else CPU."""
-    d = (device or "auto").lower()
-    if d == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(d)
-    except RuntimeError:
-        raise LaviseError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LaviseError(f"device {device} asked for but CUDA is not available here; use --device cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise LaviseError("device mps asked for but MPS is not available here; use --device cpu")
-    return dev
-
-
-def default_workers(device: torch.device) -> int:
-    """DataLoader worker processes for a pass over images on ``device``.
-
-    Decoding and resizing overlap the forward in worker processes.  On a CPU the workers take
-    cores from the forward, so a quarter of them decode (none on two cores or fewer, at most
-    four); with an accelerator the CPU only decodes, so up to eight.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device.type == "cpu":
-        # With 2 cores a worker process only slows the forward (measured: benchmarks/feature_pass.py).
-        return 0 if cores <= 2 else min(4, cores // 4)
-    return max(1, min(8, cores - 1))

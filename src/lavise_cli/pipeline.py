@@ -17,7 +17,8 @@ from .errors import LaviseError
 from .evaluate import ConceptSpace, ground_truth, netdissect_iou, recall_at, vocab_to_concepts
 from .explain import METHODS, Explanation, explain_filters, parse_filters, regions, top_images
 from .explainer import EXPLAINER_FILE, LoadedExplainer, load_explainer
-from .models import TargetModel, backbone, backbone_input, capture, forward_to, load_model, resolve_device
+from .models import TargetModel, capture, forward_to, load_model
+from .runtime import autocast, backbone, backbone_input, resolve_device, resolve_precision
 from .store import Entry, Store, atomic_write_json, stable_digest
 from .target import TargetCache, TargetSet, folder_target, labelled_target, target_pass
 
@@ -37,6 +38,7 @@ class Session:
     device: torch.device
     # Target images the explainer was trained on (None: the explainer did not record its images).
     overlap: int | None = None
+    precision: str = "fp32"  # resolved: the target pass's and image masking's autocast precision
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -88,13 +90,15 @@ def open_session(
     device: str = "auto",
     batch_size: int = 32,
     workers: int | None = None,
+    precision: str = "auto",
     progress: Any = None,
 ) -> Session:
     """Load the explainer (default: the latest), check it fits, and run (or reuse) the target pass.
 
     The target set is ``images`` (a plain folder), else the ``split`` of ``datasets``, else the
     ``split`` of the datasets the explainer was trained on.  ``split=None`` takes each dataset's
-    target split: ``val``, or the held-out part of a dataset without a train split.
+    target split: ``val``, or the held-out part of a dataset without a train split.  ``precision``
+    (auto, fp32, bf16, fp16) is the backbone's, see :func:`lavise_cli.runtime.resolve_precision`.
     """
     entry, ex = open_explainer(store, explainer)
     meta = ex.meta
@@ -105,6 +109,7 @@ def open_session(
         raise LaviseError(f"explainer {entry.name!r} was trained for layer {meta['layer']}, not {layer}; "
                           "pick a matching --explainer or train one for that layer")
     dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
     tm = model_for(meta)
     if images is not None:
         target = folder_target(images)
@@ -112,11 +117,12 @@ def open_session(
         names = list(datasets) or list(meta["datasets"])
         target = labelled_target([load_index(store, n) for n in names], split)
     cache = target_pass(store, tm, meta["layer"], target, device=dev, batch_size=batch_size, workers=workers,
-                        progress=progress)
+                        precision=prec, progress=progress)
     if cache.shape[0] != int(meta["d"]):
         raise LaviseError(f"layer {meta['layer']} of this model has {cache.shape[0]} filters but the explainer "
                           f"expects {meta['d']}: the explainer was trained for another model or layer")
-    return Session(store, entry, ex, tm, target, cache, dev, overlap=training_overlap(entry, target))
+    return Session(store, entry, ex, tm, target, cache, dev, overlap=training_overlap(entry, target),
+                   precision=prec)
 
 
 def training_overlap(entry: Entry, target: TargetSet) -> int | None:
@@ -147,7 +153,8 @@ def image_masking_inputs(session: Session, filters: Sequence[int], p: int, batch
     top = top_images(cache, p)[filt]  # (F, p) exactly as explain_filters picks them
     pair_f = filt.repeat_interleave(top.shape[1])
     pair_r = top.reshape(-1)
-    path = cache.root / f"image-masking-{stable_digest([filt.tolist(), top.tolist()])[:16]}.safetensors"
+    key = [filt.tolist(), top.tolist(), session.precision]  # the precision of these forwards, too
+    path = cache.root / f"image-masking-{stable_digest(key)[:16]}.safetensors"
     if path.exists():
         z = load_file(str(path))["z"].float()
     else:
@@ -169,7 +176,7 @@ def image_masking_inputs(session: Session, filters: Sequence[int], p: int, batch
             if progress is not None else None
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
+            with autocast(dev, session.precision):
                 forward_to(net, backbone_input(x, dev), feats)
             return feats[layer].float().flatten(2).mean(2).cpu()
 
@@ -241,6 +248,7 @@ def explanation_doc(session: Session, ex: Explanation) -> dict[str, Any]:
         "model": session.meta["model"],
         "layer": session.meta["layer"],
         "method": ex.method,
+        "precision": session.precision,
         "target": session.target.description,
         "target_images": session.cache.n,
         "target_images_trained_on": session.overlap,
@@ -306,6 +314,7 @@ def evaluate_methods(
         "explainer": session.entry.name,
         "model": session.meta["model"],
         "layer": session.meta["layer"],
+        "precision": session.precision,
         "target": session.target.description,
         "target_images": session.cache.n,
         "target_images_trained_on": session.overlap,

@@ -23,7 +23,8 @@ from .data.images import View, model_input, read_rgb
 from .data.index import DatasetIndex, SplitIndex
 from .data.loader import image_batches
 from .errors import DataError, LaviseError
-from .models import TargetModel, backbone, backbone_input, capture, default_workers, forward_to
+from .models import TargetModel, capture, forward_to
+from .runtime import autocast, backbone, backbone_input, default_workers, resolve_precision
 from .store import Store, stable_digest
 
 QUANTILE = 0.995
@@ -198,11 +199,17 @@ def target_pass(
     device: torch.device | str = "cpu",
     batch_size: int = 32,
     workers: int | None = None,
+    precision: str = "auto",
     progress: Any = None,
 ) -> TargetCache:
-    """Cache feature maps of ``layer`` over ``target`` and the per-filter statistics (cached)."""
+    """Cache feature maps of ``layer`` over ``target`` and the per-filter statistics (cached).
+
+    ``precision`` (auto, fp32, bf16, fp16) is the backbone's autocast precision, part of the key.
+    """
     device = torch.device(device)
-    inputs = {"v": TARGET_VERSION, "model": model.key(), "layer": layer, "target": target.key, "q": QUANTILE}
+    precision = resolve_precision(precision, device)
+    inputs = {"v": TARGET_VERSION, "model": model.key(), "layer": layer, "target": target.key, "q": QUANTILE,
+              "precision": precision}
     key = stable_digest(inputs)[:24]
     if store.exists("targets", key):
         return _load_target(store, key, layer, hit=True)
@@ -210,7 +217,6 @@ def target_pass(
     if workers is None:
         workers = default_workers(device)
     ds = _Images(target.paths, model.preprocess.input_size, model.preprocess.mean, model.preprocess.std)
-    amp = device.type == "cuda"
     task = progress.add_task(f"target pass {layer}", total=len(ds), unit="img") if progress is not None else None
     t0 = time.perf_counter()
     topk: RunningTopK | None = None
@@ -219,7 +225,8 @@ def target_pass(
     n_written = 0
     shape: tuple[int, int, int] | None = None
     with store.writing("targets", key, inputs=inputs, settings={"layer": layer, "target": target.description,
-                                                                 "images": len(target.paths)}) as tmp:
+                                                                 "images": len(target.paths),
+                                                                 "precision": precision}) as tmp:
         def flush(final: bool = False) -> None:
             nonlocal pending, n_written
             while pending and (final or sum(len(p) for p in pending) >= SHARD_IMAGES):
@@ -237,7 +244,7 @@ def target_pass(
                 failed += len(batch) - len(good)
                 if good:
                     x = backbone_input(torch.stack([x for _, x in good]), device)
-                    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                    with autocast(device, precision):
                         forward_to(net, x, feats)
                     f = feats[layer].float()
                     if shape is None:

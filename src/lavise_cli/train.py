@@ -21,7 +21,8 @@ from .embeddings import Embedding, load_embedding
 from .errors import LaviseError
 from .explainer import EXPLAINER_FILE, Explainer, hinge_rank_loss, save_explainer
 from .features import reference_features
-from .models import default_layer, load_model, resolve_device, resolve_layer
+from .models import default_layer, load_model, resolve_layer
+from .runtime import resolve_device, resolve_precision
 from .store import Store, stable_digest
 
 
@@ -50,6 +51,7 @@ class TrainResult:
     seconds: dict[str, float]
     losses: list[dict[str, float]] = field(default_factory=list)
     pairs: dict[str, int] = field(default_factory=dict)  # "train_and_val", "train", "val"
+    precision: str = "fp32"  # the feature pass's autocast precision (resolved)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -238,15 +240,21 @@ def train(
     batch_size: int = 32,
     workers: int | None = None,
     resume: bool = False,
+    precision: str = "auto",
     progress: Any = None,
     on_epoch: Callable[[int], None] | None = None,
 ) -> list[TrainResult]:
-    """Train one explainer per layer on the union of the datasets' train splits."""
+    """Train one explainer per layer on the union of the datasets' train splits.
+
+    ``precision`` (auto, fp32, bf16, fp16) is the feature pass's autocast precision, see
+    :func:`lavise_cli.runtime.resolve_precision`; the resolved one is in the explainer's metadata.
+    """
     settings = settings or TrainSettings()
     if not datasets:
         raise LaviseError("name at least one preprocessed dataset, e.g. `lavise train resnet18 coco`")
     dev = resolve_device(device)
     view_list: list[View] = named_views(views)  # a bad --views fails before anything slow
+    prec = resolve_precision(precision, dev)
     indexes = [load_index(store, d) for d in datasets]
     for ix in indexes:
         if ix.training_split is None:
@@ -265,7 +273,7 @@ def train(
     hits = []
     for ix in indexes:
         fs = reference_features(store, model, layers, ix.splits[ix.training_split], ix.digest, views=view_list, device=dev,
-                                batch_size=batch_size, workers=workers, progress=progress)
+                                batch_size=batch_size, workers=workers, precision=prec, progress=progress)
         per_ds.append(fs)
         hits.extend(f.hit for f in fs.values())
     t_feat = time.perf_counter() - t0
@@ -297,7 +305,7 @@ def train(
         ex_name = _slug(ex_name)
         checkpoint_dir = store.kind_dir("explainers") / f".partial-{ex_name}"
         run_key = stable_digest({"model": model.key(), "layer": layer, "datasets": [ix.digest for ix in indexes],
-                                 "settings": asdict(settings), "views": views})
+                                 "settings": asdict(settings), "views": views, "precision": prec})
         if checkpoint_dir.exists() and (not resume or _read_key(checkpoint_dir) != run_key):
             shutil.rmtree(checkpoint_dir)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -323,6 +331,7 @@ def train(
             "embedding_dim": emb.dim,
             "datasets": list(datasets),
             "views": views,
+            "precision": prec,
             "concepts": concepts,
             "seen": seen,
             "concept_counts": counts,
@@ -338,7 +347,7 @@ def train(
                            inputs={"model": model.key(), "layer": layer, "datasets": [ix.digest for ix in indexes],
                                    "embedding": emb.name},
                            settings={**asdict(settings), "views": views, "model": model.name, "layer": layer,
-                                     "datasets": list(datasets)}) as tmp:
+                                     "datasets": list(datasets), "precision": prec}) as tmp:
             save_explainer(tmp / EXPLAINER_FILE, module, cvecs, {**meta, "name": ex_name})
             save_file({"identities": trained_on.contiguous()}, str(tmp / TRAINING_IMAGES_FILE))
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -348,7 +357,8 @@ def train(
             feature_cache="hit" if all(hits) else ("partial" if any(hits) else "miss"),
             epochs=len(losses), best_epoch=best_epoch, best_val_loss=best_val,
             seconds={"features": round(t_feat, 3), "training": round(t_train, 3)}, losses=losses,
-            pairs={"train_and_val": int(len(z)), "train": int(len(tr_idx)), "val": int(len(va_idx))}))
+            pairs={"train_and_val": int(len(z)), "train": int(len(tr_idx)), "val": int(len(va_idx))},
+            precision=prec))
     return results
 
 

@@ -45,6 +45,10 @@ def lazy(module: str, name: str) -> Any:
     return call
 
 
+# `--precision` of every command that runs the backbone (lavise_cli.runtime.resolve_precision).
+PRECISION_HELP = ("Backbone precision: auto (bf16 on CUDA with bf16 and on CPUs with AVX512-BF16/AMX, fp16 on "
+                  "other CUDA, else fp32), fp32, bf16, fp16. Part of every cache key.")
+
 # Results go to stdout; progress bars and messages to stderr, so `--json` stays parseable.
 out = Console()
 err = Console(stderr=True)

@@ -14,7 +14,7 @@ from rich.table import Table
 from ..errors import LaviseError
 from ..defaults import ALL_METHODS, METHODS
 from .app import app
-from .common import emit_json, handle_errors, info, lazy, out, progress, state, warn_trained_on
+from .common import PRECISION_HELP, emit_json, handle_errors, info, lazy, out, progress, state, warn_trained_on
 
 parse_filters = lazy("explain", "parse_filters")
 evaluate_methods = lazy("pipeline", "evaluate_methods")
@@ -38,6 +38,7 @@ _BATCH = typer.Option(32, "--batch-size", help="Images per batch in the target p
 # What `explain --csv` prints, in order (its --help lists the same): similarity_sum is the word's
 # cosine similarity summed over the images naming it, so it can exceed 1.
 CSV_COLUMNS = ("filter", "rank", "word", "images", "similarity_sum", "novel", "inactive")
+_PRECISION = typer.Option("auto", "--precision", help=PRECISION_HELP)
 _MODEL = typer.Option(None, "--model", help="Check that the explainer was trained for this model.")
 _LAYER = typer.Option(None, "--layer", help="Check that the explainer was trained for this layer.")
 
@@ -61,6 +62,7 @@ def explain(
     layer: Optional[str] = _LAYER,
     device: str = _DEVICE,
     batch_size: int = _BATCH,
+    precision: str = _PRECISION,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     csv_out: bool = typer.Option(False, "--csv", help=f"CSV on stdout, one row per word: {', '.join(CSV_COLUMNS)}."),
 ) -> None:
@@ -86,7 +88,7 @@ def explain(
     parse_filters(filters, int(open_explainer(state.store, explainer)[1].meta["d"]), all_filters)
     with progress() as prog:
         ses = open_session(state.store, explainer, datasets=dataset, split=split, images=image_dir, model=model,
-                           layer=layer, device=device, batch_size=batch_size, progress=prog)
+                           layer=layer, device=device, batch_size=batch_size, precision=precision, progress=prog)
         warn_trained_on(ses)
         chosen = parse_filters(filters, ses.cache.shape[0], all_filters)
         voc = vocabulary_for(ses, vocab, vocab_size)
@@ -99,7 +101,7 @@ def explain(
                          netdissect_words=nd)
     doc = explanation_doc(ses, ex)
     path = save_result(ses, f"explain-{method}", doc, {"target": ses.target.key, "vocab": voc.describe(),
-                                                        "filters": chosen, **ex.settings})
+                                                        "filters": chosen, **ex.settings, "precision": ses.precision})
     doc["saved"] = str(path)
     if json_out:
         emit_json(doc)
@@ -145,6 +147,7 @@ def evaluate(
     layer: Optional[str] = _LAYER,
     device: str = _DEVICE,
     batch_size: int = _BATCH,
+    precision: str = _PRECISION,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
     """Score explanations against ground-truth concepts: recall@s (LaViSE's objective measure).
@@ -170,7 +173,7 @@ def evaluate(
     parse_filters(filters, int(open_explainer(state.store, explainer)[1].meta["d"]), filters is None)
     with progress() as prog:
         ses = open_session(state.store, explainer, datasets=dataset, split=split, model=model, layer=layer,
-                           device=device, batch_size=batch_size, progress=prog)
+                           device=device, batch_size=batch_size, precision=precision, progress=prog)
         warn_trained_on(ses)
         if not ses.target.labelled:
             raise LaviseError("evaluate needs a labelled target set (a preprocessed dataset)")
@@ -179,7 +182,8 @@ def evaluate(
         res = evaluate_methods(ses, chosen_methods, voc, cuts=cuts, p=images_per_filter, filters=chosen, progress=prog)
     res = nan_to_none(res)
     path = save_result(ses, "evaluate", res, {"target": ses.target.key, "vocab": voc.describe(), "methods": chosen_methods,
-                                              "filters": chosen, "p": images_per_filter, "cuts": cuts})
+                                              "filters": chosen, "p": images_per_filter, "cuts": cuts,
+                                              "precision": ses.precision})
     res["saved"] = str(path)
     if json_out:
         emit_json({k: v for k, v in res.items() if k != "per_filter"} | {"per_filter_saved": str(path)})

@@ -10,7 +10,7 @@ from rich.table import Table
 from ..errors import LaviseError
 from ..defaults import TrainSettings
 from .app import app
-from .common import emit_json, handle_errors, info, lazy, out, progress, state
+from .common import PRECISION_HELP, emit_json, handle_errors, info, lazy, out, progress, state
 
 layer_shapes = lazy("models", "layer_shapes")
 load_model = lazy("models", "load_model")
@@ -57,6 +57,7 @@ def train(
     workers: Optional[int] = typer.Option(None, "--workers", help="Image-decoding worker processes (default: none on <= 2 CPU cores, where a thread decodes ahead; else a quarter of the cores, at most 4; up to 8 with a GPU)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same settings."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N, mps."),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
     """Train an explainer for a layer of MODEL on reference DATASET(s): one cached backbone pass.
@@ -79,7 +80,8 @@ def train(
         results = train_fn(state.store, model, datasets, layers=layer, weights=weights, input_size=input_size,
                            mean=parse_floats(mean, 3, "--mean"), std=parse_floats(std, 3, "--std"), name=name,
                            embedding=embedding, settings=settings, views=views, device=device,
-                           batch_size=batch_size, workers=workers, resume=resume, progress=prog)
+                           batch_size=batch_size, workers=workers, resume=resume, precision=precision,
+                           progress=prog)
     if json_out:
         docs = [r.as_dict() for r in results]
         emit_json(docs[0] if len(docs) == 1 else {"explainers": docs})
@@ -97,7 +99,7 @@ def train(
         t.add_row("epochs", f"{r.epochs} (best {r.best_epoch})")
         if r.losses:
             t.add_row("validation loss", f"{r.losses[0]['val']:.3f} → best {r.best_val_loss:.3f}")
-        t.add_row("time, feature pass", f"{r.seconds['features']:.1f} s")
+        t.add_row("time, feature pass", f"{r.seconds['features']:.1f} s ({r.precision})")
         t.add_row("time, training", f"{r.seconds['training']:.1f} s")
         out.print(t)
         out.print(f"saved {r.path}", highlight=False, soft_wrap=True)  # whole, on its own line (never cut to "…")

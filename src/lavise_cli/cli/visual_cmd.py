@@ -19,6 +19,7 @@ from .explain_cmd import (  # shared options, and the library's functions (impor
     _DATASET,
     _DEVICE,
     _EXPLAINER,
+    _PRECISION,
     _SPLIT,
     _VOCAB,
     _VOCAB_SIZE,
@@ -51,7 +52,8 @@ _IMAGE_DIR = typer.Option(None, "--image-dir", help="Use a folder of plain image
 
 def _explain(explainer: Optional[str], filters: Optional[str], all_filters: bool, method: str, p: int, s: int, k: int,
              dataset: List[str], split: Optional[str], image_dir: Optional[Path], vocab: str, vocab_size: Optional[int],
-             device: str, batch_size: int, prog: Any) -> tuple[Session, dict[str, Any], dict[str, Any], list[int]]:
+             device: str, batch_size: int, prog: Any, precision: str = "auto"
+             ) -> tuple[Session, dict[str, Any], dict[str, Any], list[int]]:
     """Exactly what `lavise explain` does for the same settings: session, explanation doc, result key."""
     if method not in METHODS:
         raise LaviseError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -61,7 +63,7 @@ def _explain(explainer: Optional[str], filters: Optional[str], all_filters: bool
     _, ex = open_explainer(state.store, explainer)
     parse_filters(filters, int(ex.meta["d"]), all_filters)
     ses = open_session(state.store, explainer, datasets=dataset, split=split, images=image_dir, device=device,
-                       batch_size=batch_size, progress=prog)
+                       batch_size=batch_size, precision=precision, progress=prog)
     warn_trained_on(ses)
     chosen = parse_filters(filters, ses.cache.shape[0], all_filters)
     voc = vocabulary_for(ses, vocab, vocab_size)
@@ -72,7 +74,8 @@ def _explain(explainer: Optional[str], filters: Optional[str], all_filters: bool
         nd, voc = netdissect_words(ses, chosen, voc, s, prog)
     ex_ = run_explain(ses, chosen, method, voc, p=p, s=s, k=k, progress=prog, netdissect_words=nd)
     doc = explanation_doc(ses, ex_)
-    key = {"target": ses.target.key, "vocab": voc.describe(), "filters": chosen, **ex_.settings}
+    key = {"target": ses.target.key, "vocab": voc.describe(), "filters": chosen, **ex_.settings,
+           "precision": ses.precision}
     # The same result file `lavise explain` writes for these settings: the words behind the pictures.
     doc["saved"] = str(save_result(ses, f"explain-{method}", doc, key))
     return ses, doc, key, chosen
@@ -98,6 +101,7 @@ def heatmap(
     vocab_size: Optional[int] = _VOCAB_SIZE,
     device: str = _DEVICE,
     batch_size: int = _BATCH,
+    precision: str = _PRECISION,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout: PNG paths with the words."),
 ) -> None:
     """Draw each filter's top images with its region highlighted, under the filter's words (one PNG each).
@@ -127,13 +131,14 @@ def heatmap(
     with progress() as prog:
         ses, doc, key, _ = _explain(explainer, filters, all_filters, method, max(explain_images, images),
                                     words_per_image, top, dataset, split, image_dir, vocab, vocab_size, device,
-                                    batch_size, prog)
+                                    batch_size, prog, precision)
         folder = Path(out_dir).expanduser() if out_dir is not None else \
             ses.results_dir() / "heatmaps" / f"{method}-{stable_digest(key)[:12]}"
         paths = heatmap_paths(ses, doc, folder, images, cols=columns, progress=prog)
     if json_out:
         emit_json({
             "explainer": doc["explainer"], "model": doc["model"], "layer": doc["layer"], "method": method,
+            "precision": doc["precision"],
             "target": doc["target"], "explanation": doc["saved"], "folder": str(folder.resolve()),
             "heatmaps": [{"filter": f["filter"], "png": str(pth.resolve()), "inactive": f["inactive"],
                           "words": f["words"],
@@ -168,6 +173,7 @@ def report(
     vocab_size: Optional[int] = _VOCAB_SIZE,
     device: str = _DEVICE,
     batch_size: int = _BATCH,
+    precision: str = _PRECISION,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
     """One static HTML page for a whole layer: every filter's words beside its highlighted images.
@@ -195,7 +201,7 @@ def report(
     with progress() as prog:
         ses, doc, key, chosen = _explain(explainer, filters, filters is None, method, max(explain_images, images),
                                          words_per_image, top, dataset, split, image_dir, vocab, vocab_size, device,
-                                         batch_size, prog)
+                                         batch_size, prog, precision)
         evaluation = None
         if evaluate and ses.target.labelled:
             voc = vocabulary_for(ses, vocab, vocab_size)
@@ -211,7 +217,8 @@ def report(
     files = files_dir_for(page)
     n_thumbs = sum(1 for _ in files.glob("*.jpg"))
     res: dict[str, Any] = {"report": str(page), "thumbnails": str(files), "images": n_thumbs,
-                           "filters": len(doc["filters"]), "method": method, "explanation": doc["saved"],
+                           "filters": len(doc["filters"]), "method": method, "precision": ses.precision,
+                           "explanation": doc["saved"],
                            "evaluated": evaluation is not None, "seconds": round(time.perf_counter() - t0, 2)}
     if evaluation is not None:
         res["recall"] = {k: v for k, v in evaluation["methods"][method].items()}
