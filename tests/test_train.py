@@ -462,3 +462,15 @@ def test_library_train_interrupted_and_resumed_equals_uninterrupted(store: Any, 
     b, meta = read_artifact(resumed.path)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert [r["epoch"] for r in meta["losses"]] == [1, 2, 3, 4, 5]
+
+
+def test_explainer_metadata_keeps_text_that_looks_like_json(tmp_path: Path) -> None:
+    """A layer named "3" (a plain nn.Sequential) must come back as the text "3", not the number 3."""
+    import torch
+
+    from lavise_cli.explainer import Explainer, read_metadata, save_explainer
+
+    path = tmp_path / "e.safetensors"
+    meta = {"layer": "3", "name": "true", "d": 4, "concepts": ["a", "b"], "weights": "null"}
+    save_explainer(path, Explainer(4, 3), torch.zeros(2, 3), meta)
+    assert read_metadata(path) == meta

@@ -71,11 +71,17 @@ class LoadedExplainer:
         return list(self.meta["seen"])
 
 
+JSON_KEYS = "json_keys"  # header entry listing the metadata keys whose values are JSON
+
+
 def save_explainer(path: Path, module: Explainer, concept_vectors: torch.Tensor, meta: dict[str, Any]) -> None:
     """The explainer alone (never the backbone) with its metadata in the safetensors header."""
     tensors = {f"explainer.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     tensors["concept_vectors"] = concept_vectors.detach().cpu().float().contiguous()
+    # Text stays text (readable by any safetensors reader); other values are JSON, and the header
+    # names them, so that a text value that looks like JSON (a layer named "3") stays text.
     header = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
+    header[JSON_KEYS] = json.dumps(sorted(k for k, v in meta.items() if not isinstance(v, str)))
     save_file(tensors, str(path), metadata=header)
     os.chmod(path, 0o666 & ~current_umask())  # safetensors writes 0600; the user's umask decides
 
@@ -83,7 +89,10 @@ def save_explainer(path: Path, module: Explainer, concept_vectors: torch.Tensor,
 def read_metadata(path: Path) -> dict[str, Any]:
     with safe_open(str(path), framework="pt") as fh:
         raw = fh.metadata() or {}
-    out: dict[str, Any] = {}
+    if JSON_KEYS in raw:
+        encoded = set(json.loads(raw.pop(JSON_KEYS)))
+        return {k: json.loads(v) if k in encoded else v for k, v in raw.items()}
+    out: dict[str, Any] = {}  # written before JSON_KEYS existed: decode what parses
     for k, v in raw.items():
         try:
             out[k] = json.loads(v)
