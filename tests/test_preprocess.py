@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lavise_cli.data.index import _seen_split, load_index, preprocess
+from lavise_cli.data.index import seen_split, load_index, preprocess
 from lavise_cli.download import register_coco
 from lavise_cli.embeddings import clean_label, load_embedding, register_embedding
 from lavise_cli.store import Store
@@ -415,11 +415,11 @@ def test_seen_split_is_seeded_without_replacement(small_store: Store, make_coco:
     for n in range(1, 40):
         mapped = [k % 5 != 4 for k in range(n)]
         for seed in range(5):
-            split = _seen_split(mapped, 0.7, seed)
+            split = seen_split(mapped, 0.7, seed)
             assert sum(split) == round(0.7 * sum(mapped))
             assert all(m for s_, m in zip(split, mapped) if s_)
-            seeds_differ |= split != _seen_split(mapped, 0.7, seed + 1)
-            assert split == _seen_split(mapped, 0.7, seed)
+            seeds_differ |= split != seen_split(mapped, 0.7, seed + 1)
+            assert split == seen_split(mapped, 0.7, seed)
     assert seeds_differ
 
 

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
@@ -251,7 +250,3 @@ def reference_features(
         out[layer].hit = False
     shutil.rmtree(partial, ignore_errors=True)
     return out
-
-
-def pair_images_count(split: SplitIndex) -> int:
-    return int(np.count_nonzero(np.diff(split.offsets)))

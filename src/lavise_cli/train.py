@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .data.images import TRAINING_IMAGES_FILE, View, image_identities, named_views
 from .defaults import TrainSettings  # defined there so that the CLI reads its defaults without torch
-from .data.index import DatasetIndex, _seen_split, load_index
+from .data.index import DatasetIndex, seen_split, load_index
 from .embeddings import Embedding, load_embedding
 from .errors import LaviseError
 from .explainer import EXPLAINER_FILE, Explainer, hinge_rank_loss, save_explainer
@@ -24,19 +24,6 @@ from .features import reference_features
 from .models import default_layer, load_model, resolve_layer
 from .runtime import resolve_device, resolve_precision
 from .store import Store, stable_digest
-
-
-@dataclass
-class TrainingData:
-    """Cached features of the union of several datasets' train splits, concepts merged by label."""
-
-    z: torch.Tensor  # (N, d) float32
-    target: torch.Tensor  # (N,) index into concepts
-    group: torch.Tensor  # (N,) image group id (dataset, image) for the validation split
-    concepts: list[str]
-    concept_vectors: torch.Tensor  # (C, e)
-    seen: list[bool]
-    counts: list[int]  # training pairs per concept
 
 
 @dataclass
@@ -77,7 +64,7 @@ def merged_concepts(indexes: Sequence[DatasetIndex], emb: Embedding, seen_fracti
     elif len(indexes) == 1 and math.isclose(seen_fraction, indexes[0].manifest["settings"].get("seen_fraction", -1)):
         seen = [seen_first[c] for c in labels]
     else:
-        seen = _seen_split([True] * len(labels), seen_fraction, seed)
+        seen = seen_split([True] * len(labels), seen_fraction, seed)
     return labels, torch.from_numpy(vecs), seen
 
 

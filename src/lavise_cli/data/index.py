@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -245,7 +245,7 @@ def held_out_images(n: int, fraction: float, seed: int) -> list[int]:
 DROPPED_FILE = "dropped.txt"  # in the index entry: every image preprocess left out, with the reason
 
 
-def _seen_split(mapped: Sequence[bool], fraction: float, seed: int) -> list[bool]:
+def seen_split(mapped: Sequence[bool], fraction: float, seed: int) -> list[bool]:
     """A seeded split of the mapped concepts, without replacement: ``round(fraction * n)`` seen."""
     idx = np.flatnonzero(np.asarray(mapped, dtype=bool))
     rng = np.random.default_rng(seed)
@@ -455,7 +455,7 @@ def preprocess(
     label_idx = {lab: i for i, lab in enumerate(labels)}
     cat_to_concept = {cid: label_idx[label_of(n)] for cid, n in names.items()}
     mapped = [emb.phrase_vector(lab) is not None for lab in labels]
-    seen = _seen_split(mapped, seen_fraction, seed)
+    seen = seen_split(mapped, seen_fraction, seed)
     summary: dict[str, Any] = {"dataset": dataset, "embedding": emb.name, "splits": {}, "held_out": held_out,
                                **built_all.info}
     with store.writing("indexes", dataset, inputs=inputs, settings={"format": fmt, "seen_fraction": seen_fraction,
@@ -550,15 +550,3 @@ def register_instances_file(
     ):
         pass
     return store.get("datasets", name)
-
-
-def iter_union(indexes: Iterable[DatasetIndex]) -> list[str]:
-    """Concept labels of several indexes merged by label, in first-seen order."""
-    out: list[str] = []
-    seen: set[str] = set()
-    for ix in indexes:
-        for c in ix.concepts:
-            if c not in seen:
-                seen.add(c)
-                out.append(c)
-    return out
