@@ -378,3 +378,16 @@ def real_store_info(tmp_path_factory: pytest.TempPathFactory) -> RealStoreInfo:
 def real_store(real_store_info: RealStoreInfo) -> Store:
     """A store holding the real data, registered and preprocessed once per session (read it only)."""
     return real_store_info.store
+
+
+# ----------------------------------------------------------------------------------------------
+# Bugs stay visible
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _lavise_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LAVISE_DEBUG=1``: an unexpected exception in a command keeps its traceback in tests
+    (the CLI's last-resort guard would turn it into one "internal error" line). Tests of that
+    guard unset it for their call: ``cli(..., env={"LAVISE_DEBUG": None})``."""
+    monkeypatch.setenv("LAVISE_DEBUG", "1")

@@ -648,6 +648,9 @@ def _coco_split(root: Path, split: str, panoptic: bool) -> dict[str, Any]:
             f" add it, or register only the other split (--split {other})"
         )
     data = _check_coco_json(ann, ("images", "annotations", "categories"))
+    from .data.validate import check_coco
+
+    check_coco(data, ann, panoptic)
     block: dict[str, Any] = {"annotations": str(ann), "images": str(images)}
     if panoptic:
         block["masks"] = str(masks)

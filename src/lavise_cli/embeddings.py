@@ -69,6 +69,66 @@ def _vector_file(source: Path) -> Path:
                     f"e.g. {source / found[0]}")
 
 
+def _open_text(path: Path) -> Any:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8", errors="replace")  # type: ignore[operator]
+
+
+def check_text_vectors(path: Path, fmt: str) -> None:
+    """Refuse a GloVe/word2vec text file with a line of the wrong length, naming the line.
+
+    Every line must be ``word v1 ... vd`` with the same ``d`` (that of the header for word2vec,
+    of the first line for GloVe); a word2vec header's word count must match the lines.
+    """
+    dim = None
+    header_words = None
+    n = 0
+    try:
+        with _open_text(path) as fh:
+            for lineno, line in enumerate(fh, 1):
+                line = line.rstrip("\r\n").rstrip(" ")
+                if lineno == 1 and fmt == "word2vec":
+                    head = line.split()
+                    if len(head) != 2 or not all(t.isdigit() for t in head) or int(head[1]) < 1:
+                        raise DataError(f"{path} line 1: a word2vec header must be two numbers, words and dimension")
+                    header_words, dim = int(head[0]), int(head[1])
+                    continue
+                parts = line.count(" ") + 1
+                if dim is None:
+                    if parts < 2:
+                        raise DataError(f"{path} line {lineno}: expected a word and its vector, got {line[:40]!r}")
+                    dim = parts - 1
+                elif parts != dim + 1:
+                    raise DataError(f"{path} line {lineno}: {parts - 1} numbers after the word where the file has "
+                                    f"{dim}; fix or remove that line")
+                n += 1
+    except (OSError, EOFError, UnicodeError) as e:
+        raise DataError(f"cannot read word vectors {path}: {e}") from None
+    if n == 0:
+        raise DataError(f"{path} holds no word vectors")
+    if header_words is not None and header_words != n:
+        raise DataError(f"{path}: the word2vec header says {header_words} words but the file has {n}")
+
+
+def _bad_number_line(path: Path, fmt: str) -> str:
+    """Where a text vector file first holds a token that is not a finite number ('' when none)."""
+    import math
+
+    with _open_text(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if lineno == 1 and fmt == "word2vec":
+                continue
+            parts = line.rstrip("\r\n").rstrip(" ").split(" ")
+            for tok in parts[1:]:
+                try:
+                    ok = math.isfinite(float(tok))
+                except ValueError:
+                    ok = False
+                if not ok:
+                    return f" (line {lineno}, word {parts[0][:40]!r}: {tok[:20]!r} is not a finite number)"
+    return ""
+
+
 def register_embedding(
     store: Store, source: Path, name: str | None = None, fmt: str = "auto", progress: Any = None
 ) -> Entry:
@@ -89,6 +149,9 @@ def register_embedding(
     if store.is_current("embeddings", name, inputs):
         return store.get("embeddings", name)
     task = progress.add_task(f"loading {source.name}", total=None) if progress is not None else None
+    text = fmt in ("glove", "word2vec")
+    if text:
+        check_text_vectors(source, fmt)
     try:
         if fmt == "kv":
             kv = KeyedVectors.load(str(source))
@@ -97,8 +160,17 @@ def register_embedding(
                 str(source), binary=fmt == "word2vec-binary", no_header=fmt == "glove", unicode_errors="ignore"
             )
     except Exception as e:
-        raise DataError(f"cannot parse {source} as {fmt} word vectors: {type(e).__name__}: {e}") from None
+        where = _bad_number_line(source, fmt) if text else ""
+        detail = " ".join(str(e).split())[:200]
+        raise DataError(f"cannot parse {source} as {fmt} word vectors{where}: {type(e).__name__}: {detail}") from None
     vecs = np.asarray(kv.vectors, dtype=np.float32)
+    if vecs.ndim != 2 or not len(vecs) or not vecs.shape[1]:
+        raise DataError(f"{source} holds no word vectors")
+    finite = np.isfinite(vecs).all(axis=1)
+    if not finite.all():
+        word = kv.index_to_key[int(np.flatnonzero(~finite)[0])]
+        where = _bad_number_line(source, fmt) if text else f" (word {word!r})"
+        raise DataError(f"{source} holds a vector that is not finite{where}; fix or remove it")
     norms = np.linalg.norm(vecs, axis=1, keepdims=True)
     kv.vectors = vecs / np.maximum(norms, 1e-12)
     with store.writing(

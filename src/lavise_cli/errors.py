@@ -14,3 +14,19 @@ class DataError(LaviseError):
     """Input data (dataset, image, archive, checksum) is missing or corrupt."""
 
     exit_code = 3
+
+
+def _stderr_notice(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr)
+
+
+# Where the library's informational lines go (e.g. "the classifier head was ignored"); the command
+# line points it at its own message printer, which --quiet silences.
+notice_hook = _stderr_notice
+
+
+def notice(msg: str) -> None:
+    """One informational line for the user."""
+    notice_hook(msg)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LaviseError
+from .errors import LaviseError, notice
 from .runtime import backbone, backbone_input, default_workers, one_thread, resolve_device  # noqa: F401 (re-exported)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -85,9 +85,11 @@ def _load_factory(spec: str) -> tuple[nn.Module, dict[str, Any]]:
                 raise LaviseError(f"cannot import factory file {target}")
             module = importlib.util.module_from_spec(spec_obj)
             sys.modules[mod_name] = module
-            spec_obj.loader.exec_module(module)
+            with user_code():
+                spec_obj.loader.exec_module(module)
         else:
-            module = importlib.import_module(target)
+            with user_code():
+                module = importlib.import_module(target)
     except LaviseError:
         raise
     except ImportError as e:
@@ -100,7 +102,7 @@ def _load_factory(spec: str) -> tuple[nn.Module, dict[str, Any]]:
     try:
         # A factory that prints must not corrupt `--json` on stdout; its random init is seeded so
         # that the same factory gives the same weights (and cache keys) every time.
-        with contextlib.redirect_stdout(sys.stderr), torch.random.fork_rng(devices=[]):
+        with user_code(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             result = fn()
     except Exception as e:
@@ -186,8 +188,9 @@ def load_model(
             weights_id = str(w)
             tf = w.transforms()
             pre = {"input_size": int(getattr(tf, "crop_size", [224])[0]), "mean": tuple(tf.mean), "std": tuple(tf.std)}
+    ignored: list[str] = []
     if is_file:
-        _load_state_dict(module, wpath, spec)
+        ignored = _load_state_dict(module, wpath, spec)
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
@@ -201,25 +204,85 @@ def load_model(
     digest = state_dict_digest(module)
     code = pre.get("code_digest") if ":" in spec else f"torchvision {torchvision.__version__}"
     return TargetModel(module=module, name=spec, weights=weights_id, weights_digest=digest, preprocess=prep,
-                       info={"code_digest": code})
+                       info={"code_digest": code, **({"ignored_weights": ignored} if ignored else {})})
 
 
-def _load_state_dict(module: nn.Module, path: Path, spec: str) -> None:
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
+
+
+@contextmanager
+def user_code() -> Iterator[None]:
+    """While a user's module, factory or model runs: whatever it prints goes to stderr, so that
+    ``--json`` on stdout stays one JSON document."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def _read_weights(path: Path) -> Any:
+    """The object in a weights file, loaded safely (tensors only); torch's warnings kept quiet."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                return load_file(str(path))
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise LaviseError(
+            f"weights file {path} holds objects other than tensors (a whole pickled model or training state?) "
+            "and was refused for safety: save model.state_dict() with torch.save, or as .safetensors"
+        ) from None
+    except Exception as e:
+        msg = " ".join(str(e).split())[:200]
+        raise LaviseError(f"cannot read weights file {path}: {type(e).__name__}: {msg}") from None
+
+
+def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    """The tensors of a state dict, also from the common checkpoint shapes: a ``state_dict`` /
+    ``model`` wrapper key, and a ``module.`` prefix (DataParallel / DistributedDataParallel)."""
+    for _ in range(3):
+        if not isinstance(obj, dict):
+            return None
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None or any(isinstance(v, torch.Tensor) and "." in str(k) for k, v in obj.items()):
+            break
+        obj = inner
+    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        return None
+    for prefix in ("module.", "_orig_mod."):  # DataParallel/DDP; torch.compile
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _load_state_dict(module: nn.Module, path: Path, spec: str) -> list[str]:
+    """Load a weights file into ``module``; returns the modules whose weights were left out
+    because their shapes differ (a classifier head of another size), after saying so."""
     if not path.is_file():
         raise LaviseError(f"weights file {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LaviseError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise LaviseError(f"weights file {path} does not hold a state dict")
+    sd = _unwrap_state_dict(_read_weights(path))
+    if sd is None:
+        raise LaviseError(f"weights file {path} does not hold a state dict (names to tensors)")
+    own = module.state_dict()
+    mismatched = [k for k, v in sd.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    head = sorted({k.rpartition(".")[0] for k in mismatched})
+    mods = dict(module.named_modules())
+    if mismatched and all(isinstance(mods.get(m), nn.Linear) for m in head):
+        # A classifier head of another size (e.g. 10 classes, not 1000): the feature maps lavise
+        # explains come before it; `check_ignored` makes sure the explained layer does not use it.
+        sd = {k: v for k, v in sd.items() if k not in mismatched}
+        missing = [k for k in own if k not in sd and k.rpartition(".")[0] not in head]
+        unexpected = [k for k in sd if k not in own]
+        if not missing and not unexpected:
+            module.load_state_dict(sd, strict=False)
+            notice(f"weights file {path.name}: its classifier head ({', '.join(head)}, another size) was ignored; "
+                   "the rest is loaded")
+            return head
     try:
         module.load_state_dict(sd, strict=True)
     except RuntimeError as e:
@@ -228,6 +291,34 @@ def _load_state_dict(module: nn.Module, path: Path, spec: str) -> None:
         raise LaviseError(
             f"weights file {path} does not fit {spec} (wrong architecture?): {detail[:200]}"
         ) from None
+    return []
+
+
+def check_ignored(model: TargetModel, layers: Sequence[str]) -> None:
+    """Refuse to explain a layer that depends on weights left out when loading (a mismatched head):
+    one forward records the order of calls; an ignored module that starts before a layer's last
+    output could feed it."""
+    ignored = model.info.get("ignored_weights") or []
+    if not ignored:
+        return
+    events: list[tuple[str, str]] = []
+    mods = dict(model.module.named_modules())
+    handles = [mods[n].register_forward_pre_hook(lambda _m, _i, n=n: events.append(("ignored", n)))
+               for n in ignored if n in mods]
+    handles += [resolve_layer(model.module, n).register_forward_hook(lambda _m, _i, _o, n=n: events.append(("layer", n)))
+                for n in layers]
+    try:
+        size = model.preprocess.input_size
+        with torch.no_grad(), user_code():
+            model.module(torch.zeros(1, 3, size, size))
+    finally:
+        for h in handles:
+            h.remove()
+    last = max((k for k, (kind, _) in enumerate(events) if kind == "layer"), default=-1)
+    ran = sorted({n for k, (kind, n) in enumerate(events) if kind == "ignored" and k < last})
+    if ran:
+        raise LaviseError(f"layer {', '.join(layers)} depends on {', '.join(ran)}, whose weights in the file do not "
+                          "fit the model (another size): use weights made for this architecture")
 
 
 # -- layers ---------------------------------------------------------------------------------
@@ -263,8 +354,14 @@ def layer_shapes(model: nn.Module, input_size: int = 224) -> list[tuple[str, tup
         if name:
             handles.append(m.register_forward_hook(make(name)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), user_code():
             model(torch.zeros(1, 3, input_size, input_size))
+    except LaviseError:
+        raise
+    except Exception as e:  # e.g. an input too small for the network
+        msg = " ".join(str(e).split())[:200]
+        raise LaviseError(f"the model fails on a {input_size}x{input_size} input ({type(e).__name__}: {msg}); "
+                          "try another --input-size") from None
     finally:
         for h in handles:
             h.remove()
@@ -411,11 +508,12 @@ def forward_to(net: nn.Module, x: torch.Tensor, feats: dict[str, torch.Tensor]) 
     The first batch of each input shape is preceded by a one-image forward that counts the
     layers' calls (:meth:`Captured.prepare`), so that the stop comes after each one's last call.
     """
-    if isinstance(feats, Captured) and feats.stop:
-        feats.prepare(net, x)
-    feats.clear()
-    try:
-        net(x)
-    except StopForward:
-        pass
+    with user_code():  # whatever the model prints goes to stderr
+        if isinstance(feats, Captured) and feats.stop:
+            feats.prepare(net, x)
+        feats.clear()
+        try:
+            net(x)
+        except StopForward:
+            pass
     return feats

@@ -264,6 +264,11 @@ def save_result(session: Session, kind: str, doc: dict[str, Any], key: dict[str,
     return path
 
 
+def has_ground_truth(target: TargetSet) -> bool:
+    """True when a labelled target set holds at least one (image, concept) pair."""
+    return any(len(sp.pair_image) for sp in target.sources)
+
+
 def evaluate_methods(
     session: Session,
     methods: Sequence[str],
@@ -277,6 +282,9 @@ def evaluate_methods(
     """recall@s of each method over the labelled target set (per method.md)."""
     if not session.target.labelled:
         raise LaviseError("evaluate needs labels: use a preprocessed dataset as target (not --images DIR)")
+    if not has_ground_truth(session.target):
+        raise LaviseError(f"the target set {session.target.description} has no labelled (image, concept) pair: "
+                          "evaluate needs ground truth; choose an annotated split with --split or --dataset")
     for m in methods:
         if m not in ALL_METHODS:
             raise LaviseError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)} or all")

@@ -21,7 +21,7 @@ from .embeddings import Embedding, load_embedding
 from .errors import LaviseError
 from .explainer import EXPLAINER_FILE, Explainer, hinge_rank_loss, save_explainer
 from .features import reference_features
-from .models import default_layer, load_model, resolve_layer
+from .models import check_ignored, default_layer, load_model, resolve_layer
 from .runtime import resolve_device, resolve_precision
 from .store import Store, stable_digest
 
@@ -251,6 +251,7 @@ def train(
     emb = load_embedding(store, embedding or (emb_names.pop() if len(emb_names) == 1 else None))
     model = load_model(model_spec, weights, input_size=input_size, mean=mean, std=std)
     layers = list(layers) or [default_layer(model.module, model.preprocess.input_size)]
+    check_ignored(model, layers)
     for layer in layers:
         resolve_layer(model.module, layer)
     concepts, cvecs, seen = merged_concepts(indexes, emb, settings.seen_fraction, settings.seed)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import json
+import math
 import os
 import sys
 import threading
@@ -31,6 +33,7 @@ from rich.progress import (
 )
 
 from ..download import human_size  # noqa: F401  (one unit system: binary, as the bars)
+from .. import errors as errors_module
 from ..errors import LaviseError
 from ..store import Store
 
@@ -63,8 +66,25 @@ class State:
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store(self.home)
+            st = Store(self.home)
+            check_store_root(st)
+            self._store = st
         return self._store
+
+
+def check_store_root(st: Store) -> None:
+    """One clear line when the store's root cannot be a folder: a regular file, or a path that
+    cannot be created (``/proc/x``, a missing read-only mount).  The root is created when absent."""
+    where = "pass --home a folder you can write to (or set LAVISE_HOME)"
+    for p in (st.root, st.cache):
+        if p.exists() and not p.is_dir():
+            raise LaviseError(f"the store folder {p} is a file, not a folder: {where}")
+    try:
+        st.root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LaviseError(f"cannot create the store folder {st.root} ({e.strerror or e}): {where}") from None
+    if not st.root.is_dir():  # e.g. a path under a file
+        raise LaviseError(f"cannot use {st.root} as the store folder: {where}")
 
 
 state = State()
@@ -85,13 +105,68 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: nothing complete was overwritten; run the same command again to continue (add --resume to `lavise train`)")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, click_exceptions()):
+            raise
+        except OSError as e:
+            # Last resort: the file system said no (read-only store, disk full, permissions).
+            if debug():
+                raise
+            err.print(Text.assemble(("error:", "bold red"), " ", os_error_line(e)), highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except Exception as e:
+            # Last resort: a bug in lavise (or in a library it calls) -- one line, not a traceback.
+            if debug():
+                raise
+            msg = " ".join(str(e).split())[:300]
+            err.print(Text.assemble(("error:", "bold red"), f" internal error: {type(e).__name__}: {msg} "
+                                    "(set LAVISE_DEBUG=1 for the traceback, and please report it)"),
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
 
+def debug() -> bool:
+    """``LAVISE_DEBUG=1``: unexpected exceptions keep their traceback (the test suite sets it)."""
+    return os.environ.get("LAVISE_DEBUG", "").strip().lower() not in {"", "0", "false", "no"}
+
+
+def click_exceptions() -> type[BaseException]:
+    """The click exception base Typer uses (usage errors raised inside a command)."""
+    return typer.BadParameter.__mro__[2]  # ClickException, vendored or not
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an operating-system error: what, which path, and what to do."""
+    path = e.filename if e.filename is not None else ""
+    what = e.strerror or str(e)
+    where = f" {path}" if path else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = "free some space (see `lavise store`, `lavise store rm`) or use --home on a larger disk"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        todo = "the store must be writable: fix the permissions or pass --home a folder you can write to"
+    else:
+        todo = "check that path (or pass --home another folder)"
+    return f"cannot use{where}: {what}; {todo}"
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN/Infinity replaced by ``None`` (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if getattr(obj, "ndim", None) == 0 and hasattr(obj, "item"):  # a numpy / torch scalar
+        return finite_json(obj.item())
+    return obj
+
+
 def emit_json(obj: Any) -> None:
-    """Print one JSON document on stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Print one JSON document on stdout (non-finite numbers become ``null``)."""
+    text = json.dumps(json.loads(json.dumps(finite_json(obj), default=str)), indent=2, allow_nan=False)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 
@@ -103,9 +178,29 @@ def warn_trained_on(session: Any) -> None:
                   "(the default --split, or other --dataset/--image-dir images)", highlight=False, soft_wrap=True)
 
 
+def check_number(option: str, value: float | None, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """A numeric option must be finite and within its range; else one clear line (exit 2)."""
+    if value is None:
+        return
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        rng = " and ".join(x for x in (lo, hi) if x) or "finite"
+        raise LaviseError(f"{option} must be a number {rng}, got {value:g}")
+
+
 def info(msg: str) -> None:
     if not state.quiet:
         err.print(msg, highlight=False, soft_wrap=True)  # long paths stay whole, copyable
+
+
+errors_module.notice_hook = lambda msg: info(msg)  # the library's notices, as messages (silenced by -q)
 
 
 class RateColumn(ProgressColumn):

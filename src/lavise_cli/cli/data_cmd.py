@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
@@ -11,10 +11,11 @@ from rich.table import Table
 from ..errors import LaviseError
 from ..store import CACHE_KINDS, KINDS, discard
 from .app import app
-from .common import emit_json, handle_errors, human_size, info, lazy, out, progress, state
+from .common import check_number, emit_json, handle_errors, human_size, info, lazy, out, progress, state
 
 preprocess_dataset = lazy("data.index", "preprocess")
 register_instances_file = lazy("data.index", "register_instances_file")
+choose_embedding = lazy("data.index", "choose_embedding")
 
 # No help= here: the callback's docstring (with its examples) is the group's --help.
 store_app = typer.Typer(no_args_is_help=False, rich_markup_mode="rich")
@@ -121,12 +122,15 @@ def store_rm(
     name: str = typer.Argument(..., help="The entry's name (see `lavise store`)."),
     keep_downloads: bool = typer.Option(False, "--keep-downloads",
                                         help="For a downloaded dataset: keep its archives and unpacked files."),
+    force: bool = typer.Option(False, "--force",
+                               help="Remove word vectors even while an index or explainer uses them."),
 ) -> None:
     """Remove one entry from the store.
 
     Removing a dataset that `lavise download` fetched also removes its archives and unpacked
     files under the store's downloads/ folder (unless --keep-downloads); a dataset registered
-    with --from only forgets the folder, which is never touched.
+    with --from only forgets the folder, which is never touched. Word vectors that an index or an
+    explainer was built with are kept unless --force.
 
     Examples:
 
@@ -135,6 +139,11 @@ def store_rm(
       lavise store rm datasets coco --keep-downloads
     """
     st = state.store
+    if kind == "embeddings" and not force and st.exists(kind, name):
+        users = embedding_users(st, name)
+        if users:
+            raise LaviseError(f"the embedding {name} is used by {', '.join(users)}: remove those first, "
+                              f"or add --force (they then fail until rebuilt with other word vectors)")
     st.remove(kind, name)
     info(f"removed {kind} {name}")
     if kind == "datasets" and not keep_downloads:
@@ -147,6 +156,19 @@ def store_rm(
             info(f"removed its downloaded files ({human_size(freed)}, {dl})")
 
 
+def embedding_users(st: Any, name: str) -> list[str]:
+    """The indexes and explainers built with the embedding ``name``."""
+    users = []
+    for e in st.list("indexes"):
+        emb = (e.manifest.get("inputs") or {}).get("embedding") or {}
+        if isinstance(emb, dict) and emb.get("name") == name:
+            users.append(f"the index of {e.name}")
+    for e in st.list("explainers"):
+        if (e.manifest.get("inputs") or {}).get("embedding") == name:
+            users.append(f"the explainer {e.name}")
+    return users
+
+
 @app.command()
 @handle_errors
 def preprocess(
@@ -155,17 +177,20 @@ def preprocess(
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder, when DATASET is a JSON file."),
     name: Optional[str] = typer.Option(None, "--name", help="Name to register a JSON file under."),
     split: Optional[str] = typer.Option(None, "--split", help="Split name of a JSON file (default: from its name)."),
-    seen_fraction: float = typer.Option(0.7, "--seen-fraction", help="Share of concepts in the seen split."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the seen/unseen concept split and of the held-out images."),
+    seen_fraction: float = typer.Option(0.7, "--seen-fraction", help="Share of concepts in the seen split (0 < x <= 1)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1,
+                             help="Seed of the seen/unseen concept split and of the held-out images."),
     held_out_fraction: float = typer.Option(0.2, "--held-out-fraction",
                                             help="For a dataset without a train split (e.g. COCO val alone): share of its "
                                                  "images held out as the target part (split `held-out`); the rest is "
-                                                 "the reference part (split `reference`) that train uses."),
-    min_images: Optional[int] = typer.Option(None, "--min-images", help="Visual Genome: leave out concepts seen in fewer "
-                                                                         "training images (default 100, as in the paper)."),
+                                                 "the reference part (split `reference`) that train uses (0 < x < 1)."),
+    min_images: Optional[int] = typer.Option(None, "--min-images", min=1,
+                                             help="Visual Genome: leave out concepts seen in fewer "
+                                                  "training images (default 100, as in the paper)."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Visual Genome (no official split): share "
-                                                                              "of images in the seeded val split (default 0.1)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes that check images (default: up to 4)."),
+                                                                              "of images in the seeded val split (default 0.1; 0 < x < 1)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0,
+                                           help="Processes that check images (default: up to 4)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even when the index is current."),
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
@@ -186,6 +211,9 @@ def preprocess(
     `held-out`) that explain and evaluate use by default, so explanations are never scored on the
     explainer's own training images.
     """
+    check_number("--seen-fraction", seen_fraction, low=0, high=1, low_open=True)
+    check_number("--held-out-fraction", held_out_fraction, low=0, high=1, low_open=True, high_open=True)
+    check_number("--val-fraction", val_fraction, low=0, high=1, low_open=True, high_open=True)
     st = state.store
     if dataset.endswith(".json"):
         if images is None:
@@ -193,6 +221,9 @@ def preprocess(
         entry = register_instances_file(st, Path(dataset), images, name=name, split=split)
         dataset = entry.name
         info(f"registered {dataset} from {entry.manifest['settings']['root']}")
+    chosen, why = choose_embedding(st, dataset, embedding) if st.exists("datasets", dataset) else (None, "")
+    if chosen is not None:
+        info(f"word vectors: {chosen} ({why}; choose others with --embedding NAME)")
     with progress() as prog:
         summary = preprocess_dataset(st, dataset, embedding=embedding, seen_fraction=seen_fraction, seed=seed,
                                      held_out_fraction=held_out_fraction, min_images=min_images,
@@ -208,6 +239,10 @@ def preprocess(
              f"divided (seed {held['seed']}) into a reference part of {held['reference']:,} (split `reference`, what "
              f"`lavise train` uses) and a held-out part of {held['held_out']:,} (split `held-out`, what explain and "
              "evaluate use by default)")
+    for sp, s in summary["splits"].items():
+        if not s["pairs"]:
+            info(f"[yellow]warning:[/] split {sp} of {dataset} has no (image, concept) pairs "
+                 f"({s['images']} images kept): nothing to train on or score there; check its annotations")
     if json_out:
         emit_json(summary)
         return

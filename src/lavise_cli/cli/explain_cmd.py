@@ -18,6 +18,7 @@ from .common import PRECISION_HELP, emit_json, handle_errors, info, lazy, out, p
 
 parse_filters = lazy("explain", "parse_filters")
 evaluate_methods = lazy("pipeline", "evaluate_methods")
+has_ground_truth = lazy("pipeline", "has_ground_truth")
 explanation_doc = lazy("pipeline", "explanation_doc")
 nan_to_none = lazy("pipeline", "nan_to_none")
 netdissect_words = lazy("pipeline", "netdissect_words")
@@ -32,9 +33,10 @@ _DATASET = typer.Option([], "--dataset", help="Labelled target set(s) (default: 
 _SPLIT = typer.Option(None, "--split", help="Split of the target dataset(s) (default: val; for a dataset without a "
                                            "train split, its held-out part `held-out`).")
 _VOCAB = typer.Option("default", "--vocab", help="default, concepts, raw, or a file with one word/phrase per line.")
-_VOCAB_SIZE = typer.Option(None, "--vocab-size", help="Frequency rank limit of vocabulary words (default 30000).")
+_VOCAB_SIZE = typer.Option(None, "--vocab-size", min=1,
+                          help="Frequency rank limit of vocabulary words (default 30000).")
 _DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N, mps.")
-_BATCH = typer.Option(32, "--batch-size", help="Images per batch in the target pass.")
+_BATCH = typer.Option(32, "--batch-size", min=1, help="Images per batch in the target pass.")
 # What `explain --csv` prints, in order (its --help lists the same): similarity_sum is the word's
 # cosine similarity summed over the images naming it, so it can exceed 1.
 CSV_COLUMNS = ("filter", "rank", "word", "images", "similarity_sum", "novel", "inactive")
@@ -138,7 +140,7 @@ def evaluate(
     recall: str = typer.Option("5,10,20", "--recall", "-r", help="Cut-offs s for recall@s."),
     methods: str = typer.Option("attention", "--methods", help=f"Comma list of {', '.join(ALL_METHODS)}, or all."),
     filters: Optional[str] = typer.Option(None, "--filters", "-f", help="Filters to score (default: all)."),
-    images_per_filter: int = typer.Option(25, "--images", "-p", help="Top images per filter."),
+    images_per_filter: int = typer.Option(25, "--images", "-p", min=1, help="Top images per filter."),
     dataset: List[str] = _DATASET,
     split: Optional[str] = _SPLIT,
     vocab: str = _VOCAB,
@@ -149,6 +151,7 @@ def evaluate(
     batch_size: int = _BATCH,
     precision: str = _PRECISION,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    image_dir: Optional[Path] = typer.Option(None, "--image-dir", hidden=True),
 ) -> None:
     """Score explanations against ground-truth concepts: recall@s (LaViSE's objective measure).
 
@@ -160,6 +163,9 @@ def evaluate(
 
       lavise evaluate --vocab concepts --methods attention,original,frequency
     """
+    if image_dir is not None:
+        raise LaviseError("evaluate needs labels: a plain image folder (--image-dir) has none; score on a "
+                          "preprocessed dataset (--dataset NAME)")
     try:
         cuts = sorted({int(x) for x in recall.split(",") if x.strip()})
     except ValueError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import typer
@@ -10,7 +11,7 @@ from rich.table import Table
 from ..errors import LaviseError
 from ..defaults import TrainSettings
 from .app import app
-from .common import PRECISION_HELP, emit_json, handle_errors, info, lazy, out, progress, state
+from .common import PRECISION_HELP, check_number, emit_json, handle_errors, info, lazy, out, progress, state
 
 layer_shapes = lazy("models", "layer_shapes")
 load_model = lazy("models", "load_model")
@@ -19,7 +20,7 @@ train_fn = lazy("train", "train")
 _D = TrainSettings()
 
 
-def parse_floats(text: Optional[str], n: int, what: str) -> Optional[list[float]]:
+def parse_floats(text: Optional[str], n: int, what: str, positive: bool = False) -> Optional[list[float]]:
     if text is None:
         return None
     try:
@@ -28,6 +29,10 @@ def parse_floats(text: Optional[str], n: int, what: str) -> Optional[list[float]
         raise LaviseError(f"{what} takes {n} comma-separated numbers, e.g. 0.485,0.456,0.406") from None
     if len(vals) != n:
         raise LaviseError(f"{what} takes {n} comma-separated numbers, got {len(vals)}")
+    if not all(math.isfinite(v) for v in vals):
+        raise LaviseError(f"{what} takes finite numbers, got {text}")
+    if positive and min(vals) <= 0:
+        raise LaviseError(f"{what} takes numbers above 0 (images are divided by them), got {text}")
     return vals
 
 
@@ -38,23 +43,26 @@ def train(
     datasets: List[str] = typer.Argument(..., help="Preprocessed reference dataset(s); several are merged by label."),
     layer: List[str] = typer.Option([], "--layer", help="Dotted layer path; repeatable (default: last 4-D feature map)."),
     weights: str = typer.Option("DEFAULT", "--weights", help="torchvision weights name, `none`, or a state-dict file."),
-    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size (default: the weights' or 224)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", min=16, max=4096,
+                                              help="Square input size, 16-4096 (default: the weights' or 224)."),
     mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean on [0,1] images, e.g. 0.485,0.456,0.406."),
     std: Optional[str] = typer.Option(None, "--std", help="Per-channel std, e.g. 0.229,0.224,0.225."),
     name: Optional[str] = typer.Option(None, "--name", help="Explainer name (default: {model}-{layer}-{dataset})."),
     embedding: Optional[str] = typer.Option(None, "--embedding", help="Word vectors (default: the datasets' own)."),
-    epochs: int = typer.Option(_D.epochs, "--epochs", help="Most epochs (early stopping may end sooner)."),
-    lr: float = typer.Option(_D.lr, "--lr", help="AdamW learning rate."),
-    weight_decay: float = typer.Option(_D.weight_decay, "--weight-decay", help="AdamW weight decay."),
-    train_batch_size: int = typer.Option(_D.batch_size, "--train-batch-size", help="Explainer batch size."),
-    patience: int = typer.Option(_D.patience, "--patience", help="Epochs without validation gain before stopping."),
-    val_fraction: float = typer.Option(_D.val_fraction, "--val-fraction", help="Share of train images held out."),
+    epochs: int = typer.Option(_D.epochs, "--epochs", min=1, help="Most epochs, at least 1 (early stopping may end sooner)."),
+    lr: float = typer.Option(_D.lr, "--lr", help="AdamW learning rate (> 0)."),
+    weight_decay: float = typer.Option(_D.weight_decay, "--weight-decay", help="AdamW weight decay (>= 0)."),
+    train_batch_size: int = typer.Option(_D.batch_size, "--train-batch-size", min=2,
+                                        help="Explainer batch size (at least 2)."),
+    patience: int = typer.Option(_D.patience, "--patience", min=1,
+                                help="Epochs without validation gain before stopping (at least 1)."),
+    val_fraction: float = typer.Option(_D.val_fraction, "--val-fraction", help="Share of train images held out (0 <= x < 1)."),
     seen_fraction: Optional[float] = typer.Option(None, "--seen-fraction",
-                                                  help="Train on the seen concepts only (e.g. 0.7) for novel-concept tests."),
-    seed: int = typer.Option(_D.seed, "--seed", help="Seed: the same seed repeats a run exactly."),
+                                                  help="Train on the seen concepts only (e.g. 0.7; 0 < x <= 1) for novel-concept tests."),
+    seed: int = typer.Option(_D.seed, "--seed", min=0, max=2**32 - 1, help="Seed: the same seed repeats a run exactly."),
     views: str = typer.Option("full", "--views", help="Cached views per image: full,flip,crop,crop-flip."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per batch in the feature pass."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Image-decoding worker processes (default: none on <= 2 CPU cores, where a thread decodes ahead; else a quarter of the cores, at most 4; up to 8 with a GPU)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch in the feature pass."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Image-decoding worker processes (default: none on <= 2 CPU cores, where a thread decodes ahead; else a quarter of the cores, at most 4; up to 8 with a GPU)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same settings."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N, mps."),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
@@ -74,11 +82,15 @@ def train(
 
       lavise train resnet18 coco --resume
     """
+    check_number("--lr", lr, low=0, low_open=True)
+    check_number("--weight-decay", weight_decay, low=0)
+    check_number("--val-fraction", val_fraction, low=0, high=1, high_open=True)
+    check_number("--seen-fraction", seen_fraction, low=0, high=1, low_open=True)
     settings = TrainSettings(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=train_batch_size,
                              patience=patience, val_fraction=val_fraction, seed=seed, seen_fraction=seen_fraction)
     with progress() as prog:
         results = train_fn(state.store, model, datasets, layers=layer, weights=weights, input_size=input_size,
-                           mean=parse_floats(mean, 3, "--mean"), std=parse_floats(std, 3, "--std"), name=name,
+                           mean=parse_floats(mean, 3, "--mean"), std=parse_floats(std, 3, "--std", positive=True), name=name,
                            embedding=embedding, settings=settings, views=views, device=device,
                            batch_size=batch_size, workers=workers, resume=resume, precision=precision,
                            progress=prog)
@@ -110,7 +122,7 @@ def train(
 def layers(
     model: str = typer.Argument(..., help="torchvision model name or package.module:fn / file.py:fn."),
     weights: str = typer.Option("none", "--weights", help="Weights to load (shapes do not depend on them)."),
-    input_size: Optional[int] = typer.Option(None, "--input-size", help="Square input size."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", min=16, max=4096, help="Square input size (16-4096)."),
     all_layers: bool = typer.Option(False, "--all", help="Also list layers whose output is not 4-D."),
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:

@@ -25,6 +25,7 @@ from .explain_cmd import (  # shared options, and the library's functions (impor
     _VOCAB_SIZE,
     evaluate_methods,
     explanation_doc,
+    has_ground_truth,
     nan_to_none,
     netdissect_words,
     open_explainer,
@@ -127,6 +128,8 @@ def heatmap(
         raise LaviseError("--images must be at least 1")
     if columns is not None and columns < 1:
         raise LaviseError("--columns must be at least 1")
+    if explain_images < 1:
+        raise LaviseError("-p/--explain-images must be at least 1")
     t0 = time.perf_counter()
     with progress() as prog:
         ses, doc, key, _ = _explain(explainer, filters, all_filters, method, max(explain_images, images),
@@ -197,18 +200,20 @@ def report(
         raise LaviseError("--images must be at least 1")
     if not 16 <= thumb <= 1024:
         raise LaviseError("--thumb must be between 16 and 1024 pixels")
+    if explain_images < 1:
+        raise LaviseError("-p/--explain-images must be at least 1")
     t0 = time.perf_counter()
     with progress() as prog:
         ses, doc, key, chosen = _explain(explainer, filters, filters is None, method, max(explain_images, images),
                                          words_per_image, top, dataset, split, image_dir, vocab, vocab_size, device,
                                          batch_size, prog, precision)
         evaluation = None
-        if evaluate and ses.target.labelled:
+        if evaluate and ses.target.labelled and has_ground_truth(ses.target):
             voc = vocabulary_for(ses, vocab, vocab_size)
             evaluation = nan_to_none(evaluate_methods(ses, [method], voc, cuts=(5, 10, 20), p=doc["settings"]["p"],
                                                       filters=chosen, progress=prog))
         elif evaluate:
-            info("the target set has no labels: the report has no recall (use a preprocessed dataset to get it)")
+            info("the target set has no labels: the report has no recall (use an annotated, preprocessed dataset)")
         page = Path(out_file).expanduser() if out_file is not None else \
             ses.results_dir() / f"report-{method}-{stable_digest(key)[:12]}.html"
         if page.suffix.lower() not in {".html", ".htm"}:

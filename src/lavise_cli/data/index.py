@@ -26,6 +26,7 @@ from ..errors import DataError, LaviseError
 from ..store import Entry, FileDigests, Store, stable_digest
 from .formats import get_format
 from .images import probe_image
+from .validate import check_coco
 
 INDEX_VERSION = 2
 HELD_OUT_FRACTION = 0.2  # share of a dataset's images held out as target when it has no train split
@@ -265,8 +266,15 @@ def _build_instances_split(
     import contextlib
     import io
 
+    try:
+        doc = json.loads(ann_file.read_text())
+    except (OSError, UnicodeError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read annotations {ann_file}: {e}") from None
+    check_coco(doc, ann_file)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(ann_file))
+        coco = COCO()
+        coco.dataset = doc
+        coco.createIndex()
     cats = {int(c["id"]): str(c["name"]) for c in coco.dataset.get("categories", [])}
     dropped: Counter[str] = Counter()
     img_ids = sorted(coco.imgs)
@@ -303,13 +311,23 @@ def _build_instances_split(
             parts = []
             for ann in per_img[iid][cat]:
                 try:
-                    parts.append(coco.annToRLE(ann))
+                    r = coco.annToRLE(ann)
+                    # an RLE of another size than its image, or counts that do not decode, is malformed
+                    if list(r.get("size", [])) != [h, w]:
+                        raise ValueError("RLE size differs from the image")
+                    mask_utils.area(r)
+                    parts.append(r)
                 except Exception:
                     dropped["annotations with a malformed segmentation"] += 1
             if not parts:
                 continue
-            rle = mask_utils.merge(parts, intersect=False) if len(parts) > 1 else parts[0]
-            if int(mask_utils.area(rle)) == 0:
+            try:
+                rle = mask_utils.merge(parts, intersect=False) if len(parts) > 1 else parts[0]
+                area = int(mask_utils.area(rle))
+            except Exception:
+                dropped["annotations with a malformed segmentation"] += len(parts)
+                continue
+            if area == 0:
                 dropped["empty masks"] += 1
                 continue
             counts = rle["counts"]
@@ -325,8 +343,9 @@ def _build_panoptic_split(
 ) -> tuple[dict[str, Any], dict[int, str]]:
     try:
         d = json.loads(ann_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read panoptic annotations {ann_file}: {e}") from None
+    check_coco(d, ann_file, panoptic=True)
     cats = {int(c["id"]): str(c["name"]) for c in d.get("categories", [])}
     imgs = {int(i["id"]): i for i in d.get("images", [])}
     dropped: Counter[str] = Counter()
@@ -420,6 +439,7 @@ def preprocess(
             raise LaviseError("--val-fraction must be between 0 and 1 (exclusive), e.g. 0.1")
         options["val_fraction"] = float(val_fraction)
     ds = store.get("datasets", dataset)
+    embedding, _ = choose_embedding(store, dataset, embedding)
     emb: Embedding = load_embedding(store, embedding)
     emb_manifest = store.get("embeddings", emb.name).manifest
     inputs = {
@@ -455,6 +475,13 @@ def preprocess(
     label_idx = {lab: i for i, lab in enumerate(labels)}
     cat_to_concept = {cid: label_idx[label_of(n)] for cid, n in names.items()}
     mapped = [emb.phrase_vector(lab) is not None for lab in labels]
+    if labels and not any(mapped):
+        others = [e.name for e in store.list("embeddings") if e.name != emb.name]
+        hint = f" (registered: {', '.join(others)})" if others else ""
+        raise LaviseError(
+            f"none of the {len(labels)} concepts of {dataset} has a word vector in the embedding {emb.name!r} "
+            f"(e.g. {labels[0]!r}): choose word vectors that cover them with --embedding NAME{hint}"
+        )
     seen = seen_split(mapped, seen_fraction, seed)
     summary: dict[str, Any] = {"dataset": dataset, "embedding": emb.name, "splits": {}, "held_out": held_out,
                                **built_all.info}
@@ -521,6 +548,24 @@ def preprocess(
     return {**summary, "cached": False}
 
 
+def choose_embedding(store: Store, dataset: str, embedding: str | None) -> tuple[str | None, str]:
+    """The embedding ``preprocess`` uses, and why: the one asked for; else the one the dataset's
+    existing index was built with (when it is still registered); else the latest registered.
+
+    Returns ``(name, reason)``; ``name`` is ``None`` only when the store has no embedding (the
+    loader then says what to do).
+    """
+    if embedding is not None:
+        return embedding, "asked for with --embedding"
+    old = store.manifest("indexes", dataset)
+    prev = ((old or {}).get("inputs") or {}).get("embedding") or {}
+    name = prev.get("name") if isinstance(prev, dict) else None
+    if name and store.exists("embeddings", name):
+        return name, "the one the existing index was built with"
+    latest = store.latest("embeddings")
+    return (latest.name, "the latest registered") if latest is not None else (None, "")
+
+
 def register_instances_file(
     store: Store, ann_file: Path, images: Path, name: str | None = None, split: str | None = None
 ) -> Entry:
@@ -538,8 +583,9 @@ def register_instances_file(
             d = json.load(fh)
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{ann_file} is not a readable COCO-format JSON file ({e})") from None
-    if not all(k in d for k in ("images", "annotations", "categories")):
+    if not isinstance(d, dict) or not all(k in d for k in ("images", "annotations", "categories")):
         raise DataError(f"{ann_file} lacks one of the COCO keys images/annotations/categories")
+    check_coco(d, ann_file)
     with store.writing(
         "datasets",
         name,
