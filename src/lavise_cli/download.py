@@ -31,7 +31,6 @@ import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -41,7 +40,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import __version__
 from .errors import DataError, LaviseError
-from .store import Entry, FileDigests, Store, atomic_write_json
+from .store import Entry, FileDigests, Store, atomic_write_json, writer_tag
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.progress import Progress
@@ -545,7 +544,7 @@ def extract(archive: Path, target: Path, *, progress: Progress | None = None) ->
     if not archive.is_file():
         raise DataError(f"archive {archive} does not exist")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".extract-{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".extract-{target.name}{writer_tag()}"
     try:
         with _open_archive(archive) as (kind, handle):
             total = _validate_zip(handle, archive) if kind == "zip" else _validate_tar(handle, archive)

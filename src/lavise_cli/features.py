@@ -26,7 +26,7 @@ from .data.loader import image_batches
 from .errors import DataError
 from .models import TargetModel, capture, forward_to, layer_shapes
 from .runtime import autocast, backbone, backbone_input, default_workers, resolve_precision
-from .store import Store, atomic_write_json, stable_digest
+from .store import Store, atomic_write_json, stable_digest, temp_sibling
 
 SHARD_PAIRS = 65536
 FEATURES_VERSION = 1
@@ -155,13 +155,29 @@ def reference_features(
             out[layer] = _load_cached(store, keys[layer], layer)
     if not todo:
         return out
-    grids = feature_grids(model, todo)
-    # Partial results live in one folder per pass, so an interrupted pass resumes where it stopped.
+    # Partial results live in one folder per pass, so an interrupted pass resumes where it stopped;
+    # its lock keeps a concurrent identical pass waiting, and that one then reuses what this one published.
     pass_key = stable_digest(sorted(keys[layer] for layer in todo))[:24]
+    with store.lock("features", f".partial-{pass_key}"):
+        if not any(store.exists("features", keys[layer]) for layer in todo):
+            _feature_pass(store, model, split, index_digest, views, device, batch_size, workers, precision, progress,
+                          keys, todo, out, pass_key)
+            return out
+    # A concurrent identical run did (some of) this pass while this one waited: use what it published.
+    return reference_features(store, model, layers, split, index_digest, views=views, device=device,
+                              batch_size=batch_size, workers=workers, precision=precision, progress=progress)
+
+
+def _feature_pass(store: Store, model: TargetModel, split: SplitIndex, index_digest: str, views: Sequence[View],
+                  device: torch.device, batch_size: int, workers: int | None, precision: str, progress: Any,
+                  keys: dict[str, str], todo: list[str], out: dict[str, PairFeatures], pass_key: str) -> None:
+    """The backbone pass of :func:`reference_features` for the ``todo`` layers (its lock held); fills ``out``."""
+    grids = feature_grids(model, todo)
     partial = store.kind_dir("features") / f".partial-{pass_key}"
     partial.mkdir(parents=True, exist_ok=True)
     state_path = partial / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"next": 0, "shards": 0, "skipped": []}
+    state = json.loads(state_path.read_text()) if state_path.exists() else \
+        {"next": 0, "shards": 0, "skipped": [], "keys": sorted(keys[layer] for layer in todo)}
     with_pairs = [i for i in range(len(split.images)) if len(split.image_pairs(i))]
     todo_images = with_pairs[state["next"]:]
     ds = _PairImages(split, todo_images, views, model.preprocess.input_size, model.preprocess.mean,
@@ -187,8 +203,9 @@ def reference_features(
                        "concept": tensors["concept"].int(), "view": tensors["view"].to(torch.int8)}
             shard = partial / keys[layer] / f"z-{state['shards']:05d}.safetensors"
             shard.parent.mkdir(exist_ok=True)
-            save_file(tensors, str(shard) + ".tmp")
-            os.replace(str(shard) + ".tmp", shard)
+            tmp_shard = temp_sibling(shard)
+            save_file(tensors, str(tmp_shard))
+            os.replace(tmp_shard, shard)
             for v in b.values():
                 v.clear()
         state["shards"] += 1
@@ -249,4 +266,3 @@ def reference_features(
         out[layer] = _load_cached(store, keys[layer], layer)
         out[layer].hit = False
     shutil.rmtree(partial, ignore_errors=True)
-    return out

@@ -19,7 +19,7 @@ from .explain import METHODS, Explanation, explain_filters, parse_filters, regio
 from .explainer import EXPLAINER_FILE, LoadedExplainer, load_explainer
 from .models import TargetModel, capture, forward_to, load_model
 from .runtime import autocast, backbone, backbone_input, resolve_device, resolve_precision
-from .store import Entry, Store, atomic_write_json, stable_digest
+from .store import Entry, Store, atomic_write_json, stable_digest, temp_sibling
 from .target import TargetCache, TargetSet, folder_target, labelled_target, target_pass
 
 from .defaults import ALL_METHODS  # noqa: E402  (defined there so that the CLI reads it without torch)
@@ -193,7 +193,7 @@ def image_masking_inputs(session: Session, filters: Sequence[int], p: int, batch
                 z[sel] = run(imgs[inv] * keep[:, None].to(imgs.dtype))  # normalised space: 0 is the dataset mean
                 if task is not None:
                     progress.advance(task, len(sel))
-        tmp = path.with_suffix(".tmp")
+        tmp = temp_sibling(path)  # a concurrent identical run writes its own, and the same bytes
         save_file({"z": z.half().contiguous()}, str(tmp))
         tmp.replace(path)
     where = {(int(u), int(r)): i for i, (u, r) in enumerate(zip(pair_f.tolist(), pair_r.tolist()))}

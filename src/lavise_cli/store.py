@@ -29,8 +29,9 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
-import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,10 +85,105 @@ def follow_umask(fd: int) -> None:
     os.fchmod(fd, 0o666 & ~current_umask())
 
 
+# -- temporaries -----------------------------------------------------------------------------
+# Every temporary file or folder is named with its writer's tag, ``@<pid>_<start>_<random>``
+# (``start``: the process's start time, so a reused pid is not taken for the writer), which
+# lets :meth:`Store.clean_temporaries` tell the debris of a dead writer from work in progress.
+_TAG = re.compile(r"@(\d+)_(\d+)_[0-9a-f]{6}")
+# Names of temporaries: ``.tmp-*``/``.old-*``/``.extract-*`` folders, ``.x.tmp@…``/``.x.old@…``
+# (report thumbnails) and ``*.tmp`` files.
+_TEMP = re.compile(r"^\.(tmp|old|extract)-|\.(tmp|old)@|\.tmp$")
+_UNTAGGED_AGE = 3600.0  # seconds after which an untagged temporary (an older version's) counts as dead
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """``(state, start time)`` of ``pid`` from /proc (Linux), or None when it is not there."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2:].split()
+    return fields[0], fields[19]
+
+
+def writer_tag() -> str:
+    """A fresh tag naming a temporary after this process (see :func:`writer_alive`)."""
+    pid = os.getpid()
+    st = _proc_stat(pid)
+    return f"@{pid}_{st[1] if st else 0}_{uuid.uuid4().hex[:6]}"
+
+
+def temp_sibling(path: Path) -> Path:
+    """A temporary file name beside ``path`` (hidden, tagged with this process, ending ``.tmp``)."""
+    return path.parent / f".{path.name}{writer_tag()}.tmp"
+
+
+def writer_alive(name: str) -> bool | None:
+    """Whether the process whose tag is in ``name`` still runs; None when ``name`` has no tag."""
+    m = _TAG.search(name)
+    if m is None:
+        return None
+    pid, start = int(m.group(1)), m.group(2)
+    if pid == os.getpid():
+        return True
+    if Path("/proc/self/stat").exists():
+        st = _proc_stat(pid)
+        # a zombie (killed, not yet reaped) writes no more; another start time is another process
+        return st is not None and st[0] not in ("Z", "X") and (start == "0" or st[1] == start)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def is_temporary(name: str) -> bool:
+    return bool(_TEMP.search(name))
+
+
+def _dead_temporary(path: Path) -> bool:
+    alive = writer_alive(path.name)
+    if alive is not None:
+        return not alive
+    if path.name.startswith(".old-") or ".old@" in path.name:
+        return True  # half-deleted trash: nothing reads it
+    try:
+        return time.time() - path.lstat().st_mtime > _UNTAGGED_AGE
+    except FileNotFoundError:
+        return False
+
+
+def _remove(path: Path) -> bool:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``fcntl`` lock on a folder itself (no lock file is left behind)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and an atomic rename (mode per the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_sibling(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         follow_umask(fd)
         with os.fdopen(fd, "wb") as fh:
@@ -222,6 +318,22 @@ class Store:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     @contextlib.contextmanager
+    def try_lock(self, kind: str, name: str) -> Iterator[bool]:
+        """Like :meth:`lock` without waiting: yields False (holding nothing) when another holds it."""
+        lock_dir = self.kind_dir(kind) / ".locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / f"{name}.lock", "a+") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
     def writing(
         self,
         kind: str,
@@ -242,7 +354,7 @@ class Store:
         final.parent.mkdir(parents=True, exist_ok=True)
         ctx = self.lock(kind, name) if locked else contextlib.nullcontext()
         with ctx:
-            tmp = final.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+            tmp = final.parent / f".tmp-{name}{writer_tag()}"
             tmp.mkdir()
             try:
                 yield tmp
@@ -265,7 +377,7 @@ class Store:
     def _publish(self, tmp: Path, final: Path) -> None:
         old = None
         if final.exists():
-            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            old = final.parent / f".old-{final.name}{writer_tag()}"
             # Hide the old manifest first so that no reader sees a half-replaced entry as complete.
             os.replace(final, old)
         os.replace(tmp, final)
@@ -288,17 +400,66 @@ class Store:
             discard(entry.path)
 
     def clean_temporaries(self) -> int:
-        """Remove leftovers of interrupted writes; returns how many were removed."""
+        """Remove what interrupted writers left behind; returns how many were removed.
+
+        A temporary (``.tmp-*``, ``.old-*``, ``.extract-*``, a report's ``*.tmp@*`` folder, a
+        ``*.tmp`` file) goes when the process named in it is gone; a resumable ``.partial-*``
+        folder goes only when nothing holds its lock and it holds nothing to resume from.  The
+        scan is shallow (kind folders, entries and two levels below them, the downloads), so it
+        is cheap enough to run at the start of every command.
+        """
         n = 0
         for k in KINDS:
             d = self.kind_dir(k)
-            if not d.is_dir():
-                continue
-            for child in d.iterdir():
-                if child.name.startswith((".tmp-", ".old-")):
-                    shutil.rmtree(child, ignore_errors=True)
-                    n += 1
+            for child in _children(d):
+                if child.name == ".locks":
+                    continue
+                if child.name.startswith(".partial-"):
+                    n += self._clean_partial(k, child)
+                elif is_temporary(child.name):
+                    n += _dead_temporary(child) and _remove(child)
+                elif not child.name.startswith(".") and child.is_dir():
+                    n += _clean_tree(child, depth=3)
+        n += _clean_tree(self.cache, depth=0)
+        n += _clean_tree(self.root / "downloads", depth=2)
         return n
+
+    def _clean_partial(self, kind: str, path: Path) -> int:
+        with self.try_lock(kind, path.name) as free:
+            if not free:  # a writer is at work in it
+                return 0
+            n = _clean_tree(path, depth=1, everything=True)
+            if kind == "features":
+                try:
+                    keys = json.loads((path / "state.json").read_text()).get("keys")
+                except (OSError, ValueError):
+                    keys = []  # no state: nothing done yet that a resumed pass could use
+                done = keys is not None and all(self.exists(kind, key) for key in keys)
+            else:  # a training checkpoint (`lavise train --resume`)
+                done = not (path / "checkpoint.pt").exists()
+            if done:
+                n += _remove(path)
+            return n
+
+
+def _children(d: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(d)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _clean_tree(d: Path, depth: int, everything: bool = False) -> int:
+    """Remove the dead temporaries in ``d`` and ``depth`` levels below (every temporary with ``everything``)."""
+    n = 0
+    for child in _children(d):
+        if is_temporary(child.name):
+            if everything or _dead_temporary(child):
+                n += _remove(child)
+        elif depth > 0 and not child.name.startswith(".locks") and child.is_dir() and not child.is_symlink() \
+                and child.name != "data":
+            n += _clean_tree(child, depth - 1, everything)
+    return n
 
 
 class FileDigests:
@@ -327,6 +488,6 @@ class FileDigests:
 def discard(path: Path) -> None:
     """Delete a folder as one step: renamed aside first (``.old-*``, which
     :meth:`Store.clean_temporaries` sweeps), so an interrupted delete never leaves it half there."""
-    trash = path.parent / f".old-{path.name}-{uuid.uuid4().hex[:8]}"
+    trash = path.parent / f".old-{path.name}{writer_tag()}"
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)

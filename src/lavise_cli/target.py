@@ -213,6 +213,20 @@ def target_pass(
     key = stable_digest(inputs)[:24]
     if store.exists("targets", key):
         return _load_target(store, key, layer, hit=True)
+    # A concurrent identical pass is waited for, then its entry is used.
+    with store.lock("targets", f".pass-{key}"):
+        if store.exists("targets", key):
+            return _load_target(store, key, layer, hit=True)
+        seconds = _target_pass(store, model, layer, target, key, inputs, device, batch_size, workers, precision,
+                               progress)
+    cache = _load_target(store, key, layer, hit=False)
+    cache.seconds = seconds
+    return cache
+
+
+def _target_pass(store: Store, model: TargetModel, layer: str, target: TargetSet, key: str, inputs: dict[str, Any],
+                 device: torch.device, batch_size: int, workers: int | None, precision: str, progress: Any) -> float:
+    """The pass of :func:`target_pass` (its lock held); returns its seconds."""
     net = backbone(model.module, device)
     if workers is None:
         workers = default_workers(device)
@@ -270,9 +284,7 @@ def target_pass(
                    "shape": torch.tensor(shape)}, str(tmp / "stats.safetensors"))
     seconds = time.perf_counter() - t0
     store.update_manifest("targets", key, seconds=seconds, failed_images=failed)
-    cache = _load_target(store, key, layer, hit=False)
-    cache.seconds = seconds
-    return cache
+    return seconds
 
 
 def _load_target(store: Store, key: str, layer: str, hit: bool) -> TargetCache:

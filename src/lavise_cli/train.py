@@ -23,7 +23,7 @@ from .explainer import EXPLAINER_FILE, Explainer, hinge_rank_loss, save_explaine
 from .features import reference_features
 from .models import check_ignored, default_layer, load_model, resolve_layer
 from .runtime import resolve_device, resolve_precision
-from .store import Store, stable_digest
+from .store import Store, stable_digest, temp_sibling
 
 
 @dataclass
@@ -194,7 +194,7 @@ def _snapshot(model: Explainer, opt: torch.optim.Optimizer, best_state: dict[str
 
 
 def _save_checkpoint(path: Path, snapshot: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = temp_sibling(path)
     torch.save(snapshot, tmp)
     tmp.replace(path)
 
@@ -291,54 +291,56 @@ def train(
         tgt_train = remap[tgt]
         ex_name = name if (name and len(layers) == 1) else (f"{name}-{layer}" if name else f"{_slug(model.name)}-{layer}-{ds_label}")
         ex_name = _slug(ex_name)
-        checkpoint_dir = store.kind_dir("explainers") / f".partial-{ex_name}"
-        run_key = stable_digest({"model": model.key(), "layer": layer, "datasets": [ix.digest for ix in indexes],
-                                 "settings": asdict(settings), "views": views, "precision": prec})
-        if checkpoint_dir.exists() and (not resume or _read_key(checkpoint_dir) != run_key):
-            shutil.rmtree(checkpoint_dir)
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        (checkpoint_dir / "run.json").write_text(json.dumps({"key": run_key}))
-        t1 = time.perf_counter()
-        module, losses, best_epoch = train_explainer(
-            z, tgt_train, grp, cvecs[train_concepts], settings, device=dev,
-            checkpoint=checkpoint_dir / "checkpoint.pt", resume=resume, progress=progress, on_epoch=on_epoch)
-        t_train = time.perf_counter() - t1
-        tr_idx, va_idx = validation_split(grp, settings)  # the split train_explainer made, for the counts
-        best_val = min((r["val"] for r in losses), default=float("nan"))
-        counts = torch.bincount(tgt, minlength=len(concepts)).tolist()
-        meta = {
-            "format": "lavise-explainer/1",
-            "lavise_version": __version__,
-            "model": model.name,
-            "weights": model.weights,
-            "weights_digest": model.weights_digest,
-            "preprocess": model.preprocess.as_dict(),
-            "layer": layer,
-            "d": int(z.shape[1]),
-            "embedding": emb.name,
-            "embedding_dim": emb.dim,
-            "datasets": list(datasets),
-            "views": views,
-            "precision": prec,
-            "concepts": concepts,
-            "seen": seen,
-            "concept_counts": counts,
-            "trained_concepts": [concepts[i] for i in train_concepts.tolist()],
-            "settings": asdict(settings),
-            "losses": losses,
-            "best_epoch": best_epoch,
-            "best_val_loss": best_val,
-            "pairs": int(len(z)),
-            "training_images": int(len(trained_on)),
-        }
-        with store.writing("explainers", ex_name,
-                           inputs={"model": model.key(), "layer": layer, "datasets": [ix.digest for ix in indexes],
-                                   "embedding": emb.name},
-                           settings={**asdict(settings), "views": views, "model": model.name, "layer": layer,
-                                     "datasets": list(datasets), "precision": prec}) as tmp:
-            save_explainer(tmp / EXPLAINER_FILE, module, cvecs, {**meta, "name": ex_name})
-            save_file({"identities": trained_on.contiguous()}, str(tmp / TRAINING_IMAGES_FILE))
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        # The checkpoint folder is locked, so a concurrent identical run waits instead of deleting it.
+        with store.lock("explainers", f".partial-{ex_name}"):
+            checkpoint_dir = store.kind_dir("explainers") / f".partial-{ex_name}"
+            run_key = stable_digest({"model": model.key(), "layer": layer, "datasets": [ix.digest for ix in indexes],
+                                     "settings": asdict(settings), "views": views, "precision": prec})
+            if checkpoint_dir.exists() and (not resume or _read_key(checkpoint_dir) != run_key):
+                shutil.rmtree(checkpoint_dir)
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            (checkpoint_dir / "run.json").write_text(json.dumps({"key": run_key}))
+            t1 = time.perf_counter()
+            module, losses, best_epoch = train_explainer(
+                z, tgt_train, grp, cvecs[train_concepts], settings, device=dev,
+                checkpoint=checkpoint_dir / "checkpoint.pt", resume=resume, progress=progress, on_epoch=on_epoch)
+            t_train = time.perf_counter() - t1
+            tr_idx, va_idx = validation_split(grp, settings)  # the split train_explainer made, for the counts
+            best_val = min((r["val"] for r in losses), default=float("nan"))
+            counts = torch.bincount(tgt, minlength=len(concepts)).tolist()
+            meta = {
+                "format": "lavise-explainer/1",
+                "lavise_version": __version__,
+                "model": model.name,
+                "weights": model.weights,
+                "weights_digest": model.weights_digest,
+                "preprocess": model.preprocess.as_dict(),
+                "layer": layer,
+                "d": int(z.shape[1]),
+                "embedding": emb.name,
+                "embedding_dim": emb.dim,
+                "datasets": list(datasets),
+                "views": views,
+                "precision": prec,
+                "concepts": concepts,
+                "seen": seen,
+                "concept_counts": counts,
+                "trained_concepts": [concepts[i] for i in train_concepts.tolist()],
+                "settings": asdict(settings),
+                "losses": losses,
+                "best_epoch": best_epoch,
+                "best_val_loss": best_val,
+                "pairs": int(len(z)),
+                "training_images": int(len(trained_on)),
+            }
+            with store.writing("explainers", ex_name,
+                               inputs={"model": model.key(), "layer": layer, "datasets": [ix.digest for ix in indexes],
+                                       "embedding": emb.name},
+                               settings={**asdict(settings), "views": views, "model": model.name, "layer": layer,
+                                         "datasets": list(datasets), "precision": prec}) as tmp:
+                save_explainer(tmp / EXPLAINER_FILE, module, cvecs, {**meta, "name": ex_name})
+                save_file({"identities": trained_on.contiguous()}, str(tmp / TRAINING_IMAGES_FILE))
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
         path = store.path("explainers", ex_name) / EXPLAINER_FILE
         results.append(TrainResult(
             name=ex_name, path=path, layer=layer,

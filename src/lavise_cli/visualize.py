@@ -14,9 +14,7 @@ from __future__ import annotations
 import html
 import os
 import shutil
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -30,7 +28,7 @@ from . import __version__
 from .data.images import View, apply_view_image, read_rgb
 from .explain import regions
 from .models import one_thread
-from .store import atomic_write_bytes, follow_umask
+from .store import atomic_write_bytes, folder_lock, temp_sibling, writer_tag
 
 DIM = 0.35  # pixels outside the region are multiplied by this (toward black)
 OUTLINE = (255, 214, 0)  # the region's outline: bright yellow
@@ -304,10 +302,9 @@ def save_png(img: Image.Image, path: Path) -> Path:
     """Write a PNG atomically (temporary file in the same folder, then ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_sibling(path)
     try:
-        follow_umask(fd)  # the user's umask, as the thumbnails (mkstemp alone makes 0600)
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "xb") as fh:  # a plain open: the mode follows the user's umask
             img.save(fh, format="PNG", optimize=True)
         os.replace(tmp, path)
     except BaseException:
@@ -628,15 +625,16 @@ def build_report(session: Any, explanation: dict[str, Any], evaluation: dict[str
     out_file = Path(out_file).expanduser().resolve()
     out_file.parent.mkdir(parents=True, exist_ok=True)
     final = files_dir_for(out_file)
-    tmp = out_file.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = out_file.parent / f".{final.name}.tmp{writer_tag()}"
     tmp.mkdir()
     try:
         thumbs = render_thumbnails(session, explanation, tmp, n_images, thumb, progress)
         old = None
-        if final.exists():
-            old = out_file.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(tmp, final)
+        with folder_lock(out_file.parent):  # a concurrent identical report swaps its folder before or after
+            if final.exists():
+                old = out_file.parent / f".{final.name}.old{writer_tag()}"
+                os.replace(final, old)
+            os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from .app import app
+from .common import handle_sigterm
 
 # Each module registers its commands on `app`; a module that is not there yet is skipped.
 for _mod in ("download_cmd", "data_cmd", "train_cmd", "explain_cmd", "visual_cmd"):
@@ -16,7 +17,11 @@ for _mod in ("download_cmd", "data_cmd", "train_cmd", "explain_cmd", "visual_cmd
 
 
 def main() -> None:
-    app()
+    handle_sigterm()
+    try:
+        app()
+    except KeyboardInterrupt:  # outside a command (e.g. while it starts): no traceback
+        raise SystemExit(130) from None
 
 
 __all__ = ["app", "main"]

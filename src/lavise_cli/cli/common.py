@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import importlib
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -69,6 +71,9 @@ class State:
             st = Store(self.home)
             check_store_root(st)
             self._store = st
+            # What interrupted commands left behind (their writers are gone) goes first; cheap.
+            with contextlib.suppress(OSError):
+                self._store.clean_temporaries()
         return self._store
 
 
@@ -102,9 +107,9 @@ def handle_errors(fn: F) -> F:
         except LaviseError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             err.print("[yellow]interrupted[/]: nothing complete was overwritten; run the same command again to continue (add --resume to `lavise train`)")
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
         except (typer.Exit, typer.Abort, click_exceptions()):
             raise
         except OSError as e:
@@ -161,6 +166,21 @@ def finite_json(obj: Any) -> Any:
     if getattr(obj, "ndim", None) == 0 and hasattr(obj, "item"):  # a numpy / torch scalar
         return finite_json(obj.item())
     return obj
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: temporaries are removed and complete entries kept."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """Make SIGTERM behave like Ctrl-C (the command line's entry point calls this)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def emit_json(obj: Any) -> None:

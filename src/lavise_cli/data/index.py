@@ -23,6 +23,7 @@ from pycocotools import mask as mask_utils
 
 from ..embeddings import Embedding, clean_label, load_embedding
 from ..errors import DataError, LaviseError
+from ..procs import die_with_parent
 from ..store import Entry, FileDigests, Store, stable_digest
 from .formats import get_format
 from .images import probe_image
@@ -226,11 +227,20 @@ def _pool_map(fn: Any, args: Sequence[tuple[Any, ...]], workers: int, progress: 
             if task is not None:
                 progress.advance(task)
         return results
-    with ProcessPoolExecutor(max_workers=workers) as ex:
+    # Workers die with this process (even on `kill -9`); on Ctrl-C or SIGTERM they are ended at once.
+    ex = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    try:
         for r in ex.map(fn, *zip(*args), chunksize=16):
             results.append(r)
             if task is not None:
                 progress.advance(task)
+    except BaseException:
+        procs = list((getattr(ex, "_processes", None) or {}).values())
+        ex.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            p.kill()
+        raise
+    ex.shutdown()
     return results
 
 
