@@ -237,8 +237,10 @@ def tree_digest(folder: Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_identical_trains_at_once_on_a_cold_cache(tmp_path: Path, make_coco: Any, small_glove: Path) -> None:
-    home = prepared_home(tmp_path / "home", make_coco(split="train"), small_glove)
-    procs = [lavise(home, *TRAIN, "--json", log=tmp_path / f"run{i}") for i in range(2)]
+    home = prepared_home(tmp_path / "home", gen_coco(make_coco), small_glove)
+    # a feature pass long enough (72 images at 160 px) for the two runs to meet in it
+    args = [*TRAIN, "--input-size", "160"]
+    procs = [lavise(home, *args, "--json", log=tmp_path / f"run{i}") for i in range(2)]
     results = [finish(p) for p in procs]
     for rc, _out, err in results:
         assert rc == 0, err
