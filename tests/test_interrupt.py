@@ -413,3 +413,38 @@ def test_clean_temporaries_removes_dead_writers_debris_and_keeps_the_rest(store:
         assert p.exists(), p
     assert store.exists("features", "k2")
     assert store.clean_temporaries() == 1  # the busy partial, now that nobody holds it
+
+
+_POOL = """
+import multiprocessing as mp, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from lavise_cli.procs import die_with_parent
+
+if __name__ == "__main__":
+    ctx = mp.get_context(sys.argv[1])
+    ex = ProcessPoolExecutor(2, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),))
+    futs = [ex.submit(time.sleep, 60) for _ in range(2)]
+    time.sleep(1.0)
+    print(*ex._processes, flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("context", ["fork", "forkserver"])
+def test_pool_workers_die_with_their_parent(tmp_path: Path, context: str) -> None:
+    # fork: the kernel's parent-death signal; forkserver (a worker's parent is the server): the watcher thread
+    script = tmp_path / "pool.py"
+    script.write_text(_POOL)
+    p = subprocess.Popen([sys.executable, str(script), context], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    assert p.stdout is not None
+    workers = [int(x) for x in p.stdout.readline().split()]
+    assert len(workers) == 2 and all(alive(w) for w in workers)
+    p.kill()
+    p.wait(30)
+    t0 = time.monotonic()
+    while [w for w in workers if alive(w)] and time.monotonic() - t0 < 20:
+        time.sleep(0.05)
+    orphans = [w for w in workers if alive(w)]
+    for w in orphans:
+        os.kill(w, signal.SIGKILL)
+    assert not orphans

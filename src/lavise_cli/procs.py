@@ -16,24 +16,39 @@ def die_with_parent(parent: int) -> None:
     """Make this (worker) process end when process ``parent`` ends, however it ends (``kill -9`` too).
 
     On Linux the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``); elsewhere
-    a daemon thread watches ``os.getppid()``.  SIGTERM gets its default action (not the command
+    (or when a fork server started the worker) a daemon thread checks every second that ``parent``
+    still runs.  SIGTERM gets its default action (not the command
     line's Ctrl-C handler) and SIGINT is left to the parent, which ends its workers itself.
     """
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     armed = False
-    if sys.platform.startswith("linux"):
+    if os.getppid() == parent and sys.platform.startswith("linux"):  # forked by it (not by a fork server)
         try:
             armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
         except (OSError, AttributeError):
             armed = False
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(1)
+        if armed and os.getppid() != parent:  # it died before the signal was armed
+            os._exit(1)
     if not armed:
         threading.Thread(target=_watch, args=(parent,), daemon=True, name="lavise-parent-watch").start()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    try:  # a zombie (dead, not yet reaped) answers signal 0 too
+        raw = open(f"/proc/{pid}/stat").read()
+        return raw[raw.rfind(")") + 2:][:1] not in ("Z", "X")
+    except OSError:
+        return True
+
+
 def _watch(parent: int, every: float = 1.0) -> None:
-    while os.getppid() == parent:
+    while _alive(parent):
         time.sleep(every)
     os._exit(1)
