@@ -329,19 +329,59 @@ def test_kill_at_every_stage_then_rerun_equals_an_uninterrupted_run(
 
 @pytest.mark.slow
 def test_sigterm_is_handled_like_ctrl_c(tmp_path: Path, make_coco: Any, small_glove: Path) -> None:
-    home = prepared_home(tmp_path / "home", gen_coco(make_coco), small_glove, preprocessed=False)
-    p = lavise(home, "preprocess", "gen", "--workers", "2", log=tmp_path / "pre")
-    wait_for(lambda: len(descendants(p.pid)) >= 2, p, "the worker pool")
-    kids = descendants(p.pid)
+    home = prepared_home(tmp_path / "home", make_coco(split="train"), small_glove)
+    endless = [*TRAIN, "--epochs", "1000000", "--patience", "1000000"]  # trains until it is stopped
+    p = lavise(home, *endless, log=tmp_path / "train")
+    wait_for(glob1("explainers/.partial-*/run.json", home), p, "the training")
+    time.sleep(1.0)  # some epochs (a few ms each) done
     p.send_signal(signal.SIGTERM)
     rc, _out, err = finish(p, 60)
     assert rc == 143, err
     assert "Traceback" not in err and "interrupted" in err
-    t0 = time.monotonic()
-    while [k for k in kids if alive(k)] and time.monotonic() - t0 < 20:
-        time.sleep(0.05)
-    assert not [k for k in kids if alive(k)]
+    # no temporaries: only the checkpoint that `--resume` continues from
+    (left,) = leftovers(home)
+    assert Path(left).parent.name == "explainers" and (Path(left) / "checkpoint.pt").is_file()
+    Cli(home).json(*TRAIN)  # run again (in-process): it sweeps the checkpoint when it is done
     assert leftovers(home) == []
+
+
+_SIGTERM_POOL = """
+import os, sys, time
+from lavise_cli.cli.common import Terminated, handle_sigterm
+from lavise_cli.data.index import _pool_map
+
+if __name__ == "__main__":
+    handle_sigterm()
+    try:
+        _pool_map(time.sleep, [(0.5,)] * 400, 2, None, "sleeping")  # 100 s of work
+    except Terminated:
+        print("terminated", flush=True)
+        sys.exit(143)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_worker_pool_at_once(tmp_path: Path) -> None:
+    script = tmp_path / "pool.py"
+    script.write_text(_SIGTERM_POOL)
+    with open(tmp_path / "out", "wb") as out:
+        p = subprocess.Popen([sys.executable, str(script)], stdout=out, env=os.environ.copy())
+    t0 = time.monotonic()
+    while len(descendants(p.pid)) < 2 and time.monotonic() - t0 < 30:
+        time.sleep(0.01)
+    workers = descendants(p.pid)
+    assert len(workers) >= 2
+    p.send_signal(signal.SIGTERM)
+    try:
+        rc = p.wait(20)  # not after the 100 s of queued work
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail("SIGTERM did not end the pool's work")
+    assert rc == 143 and (tmp_path / "out").read_text() == "terminated\n"
+    t0 = time.monotonic()
+    while [w for w in workers if alive(w)] and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert not [w for w in workers if alive(w)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import signal
 
 from .app import app
 from .common import handle_sigterm
@@ -22,6 +23,8 @@ def main() -> None:
         app()
     except KeyboardInterrupt:  # outside a command (e.g. while it starts): no traceback
         raise SystemExit(130) from None
+    finally:  # the command is over: a SIGTERM while the interpreter shuts down just ends it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 __all__ = ["app", "main"]
