@@ -27,7 +27,7 @@ from pycocotools import mask as mask_utils
 
 from lavise_cli.data.images import View, apply_view_image, normalize, read_rgb
 from lavise_cli.data.index import DatasetIndex, load_index, preprocess
-from lavise_cli.download import register_coco
+from lavise_cli.data.register import register_coco
 from lavise_cli.embeddings import register_embedding, visual_nouns
 from lavise_cli.store import Store
 

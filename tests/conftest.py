@@ -6,15 +6,21 @@
 - ``small_glove``: a tiny GloVe-format text file (no header, ~45 words, seeded 16-d vectors);
 - ``make_coco``: writes a small COCO instances layout (JSON + PIL-generated images);
 - ``cli``: runs the ``lavise`` app with ``--home`` set to the ``store`` fixture's root;
-- ``real_store`` / ``real_store_info``: the real data registered and preprocessed once per session.
+- ``real_store`` / ``real_store_info``: the real data registered and preprocessed once per session;
+- ``http_server``: a real HTTP server on 127.0.0.1 (:class:`FixtureServer`: serves bytes, honours
+  ``Range`` unless told not to, can cut a transfer off half-way).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import socket
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +64,92 @@ def glove_file() -> Path:
     if not GLOVE_100K.is_file():
         pytest.skip(f"real GloVe file {GLOVE_100K} is absent")
     return GLOVE_100K
+
+
+# ----------------------------------------------------------------------------------------------
+# A real HTTP server (downloads: tests/test_http.py, tests/test_download.py)
+# ----------------------------------------------------------------------------------------------
+class FixtureServer(ThreadingHTTPServer):
+    """Serves ``files`` (path -> bytes) on an ephemeral 127.0.0.1 port and records each request.
+
+    ``honour_ranges = False`` answers every request with the whole file (HTTP 200);
+    ``cut_after[path] = n`` sends only ``n`` bytes of the body once, then drops the connection.
+    """
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _FixtureHandler)
+        self.files: dict[str, bytes] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.cut_after: dict[str, int] = {}  # path -> bytes sent before the connection is dropped (once)
+        self.honour_ranges = True
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def url(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def serve(self, name: str, data: bytes) -> str:
+        self.files["/" + name] = data
+        return self.url(name)
+
+
+class _FixtureHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FixtureServer
+
+    def log_message(self, *args: Any) -> None:  # keep test output quiet
+        pass
+
+    def do_GET(self) -> None:
+        srv = self.server
+        srv.requests.append({"path": self.path, "headers": dict(self.headers)})
+        data = srv.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        if m and srv.honour_ranges:
+            start = int(m.group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        cut = srv.cut_after.pop(self.path, None)
+        if cut is not None:
+            self.wfile.write(body[:cut])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def http_server() -> Iterator[FixtureServer]:
+    srv = FixtureServer()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""`lavise download`: resumable verified fetches, safe extraction, registration, the CLI.
+"""`lavise download`: the source catalogue, registration, whole-dataset downloads, the CLI.
 
-Every network test talks to a real HTTP server on 127.0.0.1 (started per test on an ephemeral
-port) that serves fixture bytes, honours ``Range`` and can cut a transfer off half-way.
+Every network test talks to a real HTTP server on 127.0.0.1 (``http_server`` in conftest.py:
+an ephemeral port, fixture bytes, ``Range`` honoured, a transfer that can be cut off half-way).
+The generic pieces are tested on their own: resumable HTTP in test_http.py, safe extraction in
+test_archives.py (their tests moved there from this file).
 """
 
 from __future__ import annotations
@@ -11,14 +13,9 @@ import hashlib
 import io
 import json
 import re
-import socket
-import tarfile
-import threading
 import zipfile
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from PIL import Image
@@ -27,96 +24,21 @@ from lavise_cli import download as dl
 from lavise_cli.errors import DataError, LaviseError
 from lavise_cli.store import Store
 
+if TYPE_CHECKING:
+    from conftest import FixtureServer
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-# ----------------------------------------------------------------------------------------------
-# A real HTTP server
-# ----------------------------------------------------------------------------------------------
-class FixtureServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.files: dict[str, bytes] = {}
-        self.requests: list[dict[str, Any]] = []
-        self.cut_after: dict[str, int] = {}  # path -> bytes sent before the connection is dropped (once)
-        self.honour_ranges = True
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def url(self, name: str) -> str:
-        return f"{self.base}/{name}"
-
-    def serve(self, name: str, data: bytes) -> str:
-        self.files["/" + name] = data
-        return self.url(name)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: FixtureServer
-
-    def log_message(self, *args: Any) -> None:  # keep test output quiet
-        pass
-
-    def do_GET(self) -> None:
-        srv = self.server
-        srv.requests.append({"path": self.path, "headers": dict(self.headers)})
-        data = srv.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
-        if m and srv.honour_ranges:
-            start = int(m.group(1))
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        cut = srv.cut_after.pop(self.path, None)
-        if cut is not None:
-            self.wfile.write(body[:cut])
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self.wfile.write(body)
-
-
 @pytest.fixture
-def server() -> Iterator[FixtureServer]:
-    srv = FixtureServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=5)
+def server(http_server: FixtureServer) -> FixtureServer:
+    """The real 127.0.0.1 HTTP server of conftest.py (the generic fetch tests are in test_http.py)."""
+    return http_server
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(tmp_path / "home")
-
-
-def payload(n: int = 300_000) -> bytes:
-    return bytes((i * 7919 + i // 251) % 256 for i in range(n))
 
 
 def sha(data: bytes) -> str:
@@ -188,118 +110,9 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def tar_gz(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w:gz") as tf:
-        for m in members:
-            if isinstance(m, tarfile.TarInfo):
-                tf.addfile(m)
-            else:
-                info = tarfile.TarInfo(m[0])
-                info.size = len(m[1])
-                tf.addfile(info, io.BytesIO(m[1]))
-    return path
-
-
-def tar_link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = target
-    return info
-
-
 # ----------------------------------------------------------------------------------------------
-# fetch
+# the source catalogue; the public names
 # ----------------------------------------------------------------------------------------------
-def test_fetch_full_with_checksum(server: FixtureServer, tmp_path: Path) -> None:
-    data = payload()
-    url = server.serve("blob.bin", data)
-    dest = tmp_path / "out" / "blob.bin"
-    result = dl.fetch(url, dest, sha256=sha(data), md5=hashlib.md5(data).hexdigest(), size=len(data), chunk=64 << 10)
-    assert dest.read_bytes() == data
-    assert result == {"path": dest, "url": url, "size": len(data), "sha256": sha(data)}
-    assert not dl.part_path(dest).exists()
-    assert "Range" not in server.requests[0]["headers"]
-
-
-def test_fetch_always_records_sha256(server: FixtureServer, tmp_path: Path) -> None:
-    data = payload(1000)
-    result = dl.fetch(server.serve("x.bin", data), tmp_path / "x.bin")
-    assert result["sha256"] == sha(data) and result["size"] == 1000
-
-
-def test_fetch_cut_off_then_resumed_with_range(server: FixtureServer, tmp_path: Path) -> None:
-    data = payload()
-    url = server.serve("big.zip", data)
-    server.cut_after["/big.zip"] = 120_000
-    dest = tmp_path / "big.zip"
-    with pytest.raises(DataError, match="run the same command again to resume") as exc:
-        dl.fetch(url, dest, sha256=sha(data), chunk=16 << 10)
-    assert "\n" not in str(exc.value)
-    part = dl.part_path(dest)
-    assert part.stat().st_size == 120_000 and not dest.exists()
-
-    result = dl.fetch(url, dest, sha256=sha(data), chunk=16 << 10)
-    assert server.requests[1]["headers"].get("Range") == "bytes=120000-"
-    assert dest.read_bytes() == data and result["sha256"] == sha(data)
-    assert not part.exists()
-
-
-def test_fetch_restarts_when_server_ignores_range(server: FixtureServer, tmp_path: Path) -> None:
-    data = payload(50_000)
-    url = server.serve("f.bin", data)
-    dest = tmp_path / "f.bin"
-    dl.part_path(dest).write_bytes(b"garbage that is not a prefix")
-    server.honour_ranges = False
-    dl.fetch(url, dest, sha256=sha(data))
-    assert server.requests[0]["headers"].get("Range") == "bytes=28-"
-    assert dest.read_bytes() == data
-
-
-def test_fetch_part_already_complete_needs_no_request(server: FixtureServer, tmp_path: Path) -> None:
-    data = payload(10_000)
-    url = server.serve("f.bin", data)
-    dest = tmp_path / "f.bin"
-    dl.part_path(dest).write_bytes(data)
-    dl.fetch(url, dest, sha256=sha(data), size=len(data))
-    assert server.requests == [] and dest.read_bytes() == data
-
-
-def test_fetch_part_complete_answered_416(server: FixtureServer, tmp_path: Path) -> None:
-    data = payload(10_000)
-    url = server.serve("f.bin", data)
-    dest = tmp_path / "f.bin"
-    dl.part_path(dest).write_bytes(data)
-    dl.fetch(url, dest, sha256=sha(data))  # size unknown: the server's 416 says the part is whole
-    assert len(server.requests) == 1 and dest.read_bytes() == data
-
-
-def test_fetch_wrong_checksum_leaves_nothing(server: FixtureServer, tmp_path: Path) -> None:
-    data = payload(20_000)
-    url = server.serve("f.zip", data)
-    dest = tmp_path / "f.zip"
-    with pytest.raises(DataError) as exc:
-        dl.fetch(url, dest, sha256="0" * 64)
-    msg = str(exc.value)
-    assert "checksum mismatch for f.zip" in msg and "0" * 64 in msg and sha(data) in msg and "\n" not in msg
-    assert not dest.exists() and not dl.part_path(dest).exists()
-    with pytest.raises(DataError, match="expected md5"):
-        dl.fetch(url, dest, md5="0" * 32)
-    with pytest.raises(DataError, match="expected 5 bytes"):
-        dl.fetch(url, dest, size=5)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_fetch_http_and_network_errors_are_one_line(server: FixtureServer, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="HTTP 404"):
-        dl.fetch(server.url("missing.zip"), tmp_path / "m.zip")
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(DataError, match="run the same command again to resume") as exc:
-        dl.fetch(f"http://127.0.0.1:{port}/x.zip", tmp_path / "x.zip", timeout=5)
-    assert "\n" not in str(exc.value)
-
-
 def test_mirror_rewrites_source_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     src = dl.SOURCES["coco-val-images"]
     assert src.resolved_url == "http://images.cocodataset.org/zips/val2017.zip"
@@ -329,102 +142,21 @@ def test_sources_table() -> None:
         dl.sources_for("coco", "test")
 
 
-# ----------------------------------------------------------------------------------------------
-# extract
-# ----------------------------------------------------------------------------------------------
-def _assert_nothing_written(tmp_path: Path, target: Path) -> None:
-    assert not (tmp_path / "evil").exists() and not (tmp_path.parent / "evil").exists()
-    assert not target.exists() or list(target.iterdir()) == []
-    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".extract-")] == []
+def test_public_names_stay_importable_from_download() -> None:
+    """The split moved the generic pieces to their own modules; `lavise_cli.download` re-exports them."""
+    import lavise_cli
+    from lavise_cli.data import register
+    from lavise_cli.fetch import archives, http
 
-
-@pytest.mark.parametrize("member", ["../evil", "ok/../../evil", "/tmp/evil-abs"])
-def test_zip_with_escaping_member_is_refused(tmp_path: Path, member: str) -> None:
-    archive = tmp_path / "bad.zip"
-    archive.write_bytes(zip_bytes({"good.txt": b"fine", member: b"pwned"}))
-    target = tmp_path / "out" / "target"
-    with pytest.raises(DataError, match="refusing to extract bad.zip"):
-        dl.extract(archive, target)
-    _assert_nothing_written(tmp_path, target)
-    assert not Path("/tmp/evil-abs").exists()
-
-
-def test_zip_with_symlink_outside_is_refused(tmp_path: Path) -> None:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        link = zipfile.ZipInfo("data/link")
-        link.external_attr = (0o120777 << 16) | 0x20
-        zf.writestr(link, "../../outside")
-        zf.writestr("data/ok.txt", b"fine")
-    archive = tmp_path / "link.zip"
-    archive.write_bytes(buf.getvalue())
-    target = tmp_path / "out" / "target"
-    with pytest.raises(DataError, match="link 'data/link' points outside"):
-        dl.extract(archive, target)
-    _assert_nothing_written(tmp_path, target)
-
-
-@pytest.mark.parametrize(
-    "evil",
-    [
-        ("../evil", b"pwned"),
-        tar_link("link", "../evil"),
-        tar_link("abs", "/etc/passwd"),
-        tar_link("hard", "../evil", tarfile.LNKTYPE),
-    ],
-    ids=["dotdot", "symlink-out", "symlink-abs", "hardlink-out"],
-)
-def test_tar_gz_with_escaping_member_is_refused(tmp_path: Path, evil: Any) -> None:
-    archive = tar_gz(tmp_path / "bad.tar.gz", [("good.txt", b"fine"), evil])
-    target = tmp_path / "out" / "target"
-    with pytest.raises(DataError, match="refusing to extract bad.tar.gz"):
-        dl.extract(archive, target)
-    _assert_nothing_written(tmp_path, target)
-
-
-def test_symlink_chain_escaping_is_refused(tmp_path: Path) -> None:
-    # d/l -> .. (the root: inside), then a -> d/l/.. (lexically inside, really the parent).
-    archive = tar_gz(tmp_path / "chain.tar.gz", [tar_link("d/l", ".."), tar_link("a", "d/l/.."), ("a/evil", b"x")])
-    target = tmp_path / "out" / "target"
-    with pytest.raises(DataError, match="refusing"):
-        dl.extract(archive, target)
-    _assert_nothing_written(tmp_path, target)
-
-
-def test_normal_archives_extract(tmp_path: Path) -> None:
-    members = {"val2017/a.jpg": b"A" * 1000, "val2017/b.jpg": b"B" * 10, "annotations/x.json": b"{}"}
-    zpath = tmp_path / "ok.zip"
-    zpath.write_bytes(zip_bytes(members))
-    target = tmp_path / "data"
-    written = dl.extract(zpath, target)
-    assert sorted(p.relative_to(target).as_posix() for p in written) == sorted(members)
-    for name, data in members.items():
-        assert (target / name).read_bytes() == data
-
-    # A tar.gz merges into the same target; an inside symlink is fine.
-    tpath = tar_gz(
-        tmp_path / "ok.tar.gz",
-        [("train2017/c.jpg", b"C" * 5), ("annotations/y.json", b"[]"), tar_link("annotations/z.json", "y.json")],
-    )
-    dl.extract(tpath, target)
-    assert (target / "train2017" / "c.jpg").read_bytes() == b"C" * 5
-    assert (target / "annotations" / "x.json").read_bytes() == b"{}"  # kept by the merge
-    assert (target / "annotations" / "z.json").read_text() == "[]"
-    assert [p for p in tmp_path.iterdir() if p.name.startswith(".extract-")] == []
-
-
-def test_damaged_archive_leaves_nothing(tmp_path: Path) -> None:
-    good = zip_bytes({"a/one.bin": payload(20_000), "a/two.bin": payload(30_000)})
-    bad = bytearray(good)
-    i = good.index(b"a/two.bin") + 40  # inside the second member's compressed data
-    bad[i : i + 8] = b"\x00" * 8
-    archive = tmp_path / "bad.zip"
-    archive.write_bytes(bytes(bad))
-    target = tmp_path / "t"
-    with pytest.raises(DataError, match="damaged"):
-        dl.extract(archive, target)
-    assert not target.exists()
-    assert [p for p in tmp_path.iterdir() if p.name.startswith(".extract-")] == []
+    for name in ("fetch", "part_path", "human_size", "USER_AGENT"):
+        assert getattr(dl, name) is getattr(http, name), name
+    for name in ("extract", "is_archive"):
+        assert getattr(dl, name) is getattr(archives, name), name
+    for name in ("register_coco", "register_vg", "downloads_dir", "remove_dataset", "SPLITS", "VG_IMAGE_DIRS"):
+        assert getattr(dl, name) is getattr(register, name), name
+    for name in ("register_coco", "register_vg", "download_dataset", "download_glove", "download_weights"):
+        assert getattr(lavise_cli, name) is getattr(dl, name), name
+    assert set(dl.__all__) <= set(dir(dl))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,6 +357,44 @@ def test_download_with_wrong_checksum_registers_nothing(
     d = store.root / "downloads" / "coco"
     assert not (d / "val2017.zip").exists() and not dl.part_path(d / "val2017.zip").exists()
     assert not store.exists("datasets", "coco")
+
+
+def test_download_of_a_missing_source_names_the_mirror(
+    server: FixtureServer, monkeypatch: pytest.MonkeyPatch, store: Store
+) -> None:
+    files = coco_archives()
+    del files["val2017.zip"]  # the mirror lacks it
+    serve_sources(server, monkeypatch, files)
+    with pytest.raises(DataError) as exc:
+        dl.download_dataset(store, "coco", split="val")
+    assert str(exc.value).endswith(f"HTTP 404 Not Found; check the address (and {dl.MIRROR_ENV}, if set)")
+    assert not store.exists("datasets", "coco")
+
+
+def test_remove_dataset_deletes_its_downloads_unless_kept(
+    server: FixtureServer, monkeypatch: pytest.MonkeyPatch, store: Store, tmp_path: Path
+) -> None:
+    serve_sources(server, monkeypatch, coco_archives())
+    dl.download_dataset(store, "coco", split="val")
+    folder = store.root / "downloads" / "coco"
+    kept = dl.remove_dataset(store, "coco", keep_downloads=True)
+    assert kept == dl.Removed("coco") and not store.exists("datasets", "coco")
+    assert (folder / "data" / "val2017").is_dir()
+
+    dl.download_dataset(store, "coco", split="val")
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    removed = dl.remove_dataset(store, "coco")
+    assert removed.downloads == folder and removed.freed == size > 0
+    assert not folder.exists() and not store.exists("datasets", "coco")
+    assert not list(folder.parent.glob(".old-*"))
+
+    local = make_coco(tmp_path / "local")
+    before = sorted(p.relative_to(local) for p in local.rglob("*"))
+    dl.register_coco(store, local, "mine")
+    assert dl.remove_dataset(store, "mine") == dl.Removed("mine")
+    assert sorted(p.relative_to(local) for p in local.rglob("*")) == before
+    with pytest.raises(LaviseError):
+        dl.remove_dataset(store, "mine")
 
 
 def test_download_glove_via_mirror(server: FixtureServer, monkeypatch: pytest.MonkeyPatch, store: Store) -> None:

@@ -110,3 +110,27 @@ def collect_garbage(store: Store, dry_run: bool = False) -> list[Unreferenced]:
             except LaviseError:  # removed meanwhile (another gc)
                 pass
     return found
+
+
+def embedding_users(store: Store, name: str) -> list[str]:
+    """The indexes and explainers built with the embedding ``name``."""
+    users = []
+    for e in store.list("indexes"):
+        emb = (e.manifest.get("inputs") or {}).get("embedding") or {}
+        if isinstance(emb, dict) and emb.get("name") == name:
+            users.append(f"the index of {e.name}")
+    for e in store.list("explainers"):
+        if (e.manifest.get("inputs") or {}).get("embedding") == name:
+            users.append(f"the explainer {e.name}")
+    return users
+
+
+def remove_embedding(store: Store, name: str, *, force: bool = False) -> None:
+    """Remove the word vectors ``name``; refused (naming them) while an index or an explainer
+    built with them is in the store, unless ``force`` (they then fail until rebuilt)."""
+    if not force and store.exists("embeddings", name):
+        users = embedding_users(store, name)
+        if users:
+            raise LaviseError(f"the embedding {name} is used by {', '.join(users)}: remove those first, "
+                              f"or add --force (they then fail until rebuilt with other word vectors)")
+    store.remove("embeddings", name)

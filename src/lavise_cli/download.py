@@ -1,15 +1,17 @@
-"""Getting reference data onto the machine: downloads, safe extraction, registration.
+"""Getting reference data onto the machine: the official sources and the downloads built on them.
 
 Everything here works without the command line (``lavise download`` is a thin shell over it):
 
-* :func:`fetch` streams one URL into a file, resumably (HTTP ``Range``), verifying checksums;
-* :func:`extract` unpacks a zip or tar archive, refusing any member that would land outside
-  the target folder, and never leaves a half-written tree that looks complete;
-* :func:`register_coco` / :func:`register_vg` check a local copy laid out as the dataset ships
-  and record it in the store (the offline route; the data stays where it is);
-* :func:`download_dataset`, :func:`download_glove` and :func:`download_weights` combine the
-  above for COCO 2017 (instances or panoptic), Visual Genome, word vectors and torchvision
-  weights.
+* :data:`SOURCES` / :func:`sources_for`: the files of COCO 2017 (instances or panoptic) and
+  Visual Genome 1.4, with sizes and the digests they are checked against;
+* :func:`download_dataset`, :func:`download_glove` and :func:`download_weights` fetch them
+  (resumably, verified), unpack them safely and register the result in the store.
+
+The generic pieces live in their own modules and are re-exported here unchanged:
+:func:`fetch` / :func:`part_path` / :func:`human_size` (:mod:`lavise_cli.fetch.http`),
+:func:`extract` / :func:`is_archive` (:mod:`lavise_cli.fetch.archives`), and
+:func:`register_coco` / :func:`register_vg` / :func:`downloads_dir` / :func:`remove_dataset`
+(:mod:`lavise_cli.data.register`, the offline route: a local copy is checked and recorded).
 
 Every source URL can be redirected to a mirror with the environment variable
 ``LAVISE_MIRROR``: ``http://images.cocodataset.org/zips/val2017.zip`` then becomes
@@ -18,39 +20,49 @@ Every source URL can be redirected to a mirror with the environment variable
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import http.client
 import json
-import lzma
 import os
 import re
 import shutil
-import stat
-import tarfile
 import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
-import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from .data.register import (
+    SPLITS,
+    VG_IMAGE_DIRS,
+    Removed,
+    downloads_dir,
+    register_coco,
+    register_vg,
+    remove_dataset,
+    split_names,
+)
 from .errors import DataError, LaviseError
-from .store import Entry, FileDigests, Store, atomic_write_json, writer_tag
+from .fetch.archives import extract, is_archive
+from .fetch.http import USER_AGENT, fetch, human_size, network_reason, part_path, verify
+from .store import Entry, Store, atomic_write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.progress import Progress
 
+__all__ = [  # the public names, including those re-exported from their new homes
+    "DATASET_KINDS", "DEFAULT_GLOVE", "GENSIM_DATA_URL", "GENSIM_MODELS", "MIRROR_ENV", "SOURCES", "SPLITS",
+    "USER_AGENT", "VG_IMAGE_DIRS", "Removed", "Source", "download_dataset", "download_glove", "download_weights",
+    "downloads_dir", "extract", "fetch", "glove_source", "human_size", "is_archive", "part_path", "register_coco",
+    "register_vg", "remove_dataset", "resolve_url", "sources_for",
+]
+
 MIRROR_ENV = "LAVISE_MIRROR"
-USER_AGENT = f"lavise-cli/{__version__}"
 DEFAULT_GLOVE = "glove-wiki-gigaword-300"
 GENSIM_DATA_URL = "https://github.com/RaRe-Technologies/gensim-data/releases/download/{name}/{name}.gz"
-SPLITS = ("train", "val")
 DATASET_KINDS = ("coco", "coco-panoptic", "vg")
+_MIRROR_HINT = f" (and {MIRROR_ENV}, if set)"
 
 Announce = Callable[[str], None]
 
@@ -172,7 +184,7 @@ def sources_for(kind: str, split: str = "all") -> list[Source]:
     """The files to download for a dataset ``kind`` and ``split`` (train, val or all)."""
     if kind not in DATASET_KINDS:
         raise LaviseError(f"unknown dataset kind {kind!r}; kinds are: {', '.join(DATASET_KINDS)}")
-    splits = _splits(split)
+    splits = split_names(split)
     if kind == "vg":
         keys = ["vg-objects", "vg-object-synsets", "vg-image-data", "vg-images-1", "vg-images-2"]
     else:
@@ -181,583 +193,10 @@ def sources_for(kind: str, split: str = "all") -> list[Source]:
     return [SOURCES[k] for k in keys]
 
 
-def _splits(split: str) -> list[str]:
-    if split == "all":
-        return list(SPLITS)
-    if split not in SPLITS:
-        raise LaviseError(f"unknown split {split!r}; use train, val or all")
-    return [split]
-
-
-def human_size(n: float) -> str:
-    """Bytes in binary units (KiB, MiB, GiB: powers of 1024), as the download progress bar shows them."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-# ----------------------------------------------------------------------------------------------
-# fetch: one resumable, verified download
-# ----------------------------------------------------------------------------------------------
-class _Restart(Exception):
-    """The server did not honour the Range request: start again from byte 0."""
-
-
-def part_path(dest: Path) -> Path:
-    """Where :func:`fetch` keeps the bytes of an unfinished download of ``dest``."""
-    return dest.with_name(dest.name + ".part")
-
-
-def fetch(
-    url: str,
-    dest: Path,
-    *,
-    sha256: str | None = None,
-    md5: str | None = None,
-    size: int | None = None,
-    progress: Progress | None = None,
-    chunk: int = 1 << 20,
-    timeout: float = 60.0,
-) -> dict[str, Any]:
-    """Download ``url`` to ``dest``; resumable; verified; atomic.
-
-    Bytes go to ``dest.part`` first.  When that file exists (an earlier attempt was cut off) the
-    request asks for the rest (``Range: bytes=N-``) and appends when the server answers 206; on
-    a 200 it starts again from scratch.  When done, ``size``/``sha256``/``md5`` are checked (a
-    mismatch deletes the part file and raises :class:`DataError`) and the part file is renamed
-    to ``dest``.  Returns ``{"path", "url", "size", "sha256"}`` (sha256 always computed).
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = part_path(dest)
-    task = progress.add_task(dest.name, total=size) if progress is not None else None
-    for _attempt in range(3):
-        try:
-            _transfer(url, part, size=size, progress=progress, task=task, chunk=chunk, timeout=timeout)
-            break
-        except _Restart:
-            part.unlink(missing_ok=True)
-    else:  # pragma: no cover - a server that keeps answering with the wrong range
-        raise DataError(f"download of {url} failed: the server keeps sending the wrong byte range")
-    digests = _verify(part, label=dest.name, url=url, sha256=sha256, md5=md5, size=size)
-    os.replace(part, dest)
-    return {"path": dest, "url": url, "size": digests["size"], "sha256": digests["sha256"]}
-
-
-def _open(url: str, offset: int, timeout: float) -> Any:
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-
-
-def _transfer(
-    url: str,
-    part: Path,
-    *,
-    size: int | None,
-    progress: Progress | None,
-    task: Any,
-    chunk: int,
-    timeout: float,
-) -> None:
-    offset = part.stat().st_size if part.exists() else 0
-    if size is not None and offset > size:
-        raise _Restart()
-    if size is not None and offset == size:
-        _progress(progress, task, total=size, completed=size)
-        return  # complete already; only the checks and the rename are left
-    try:
-        resp = _open(url, offset, timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and offset:
-            if _range_total(e.headers.get("Content-Range")) == offset:
-                return  # the part file holds the whole file already
-            raise _Restart() from None
-        if e.code >= 500:
-            raise DataError(
-                f"download of {url} failed: the server answered HTTP {e.code} {e.reason};"
-                " try again later: run the same command again to resume"
-            ) from None
-        raise DataError(
-            f"download of {url} failed: HTTP {e.code} {e.reason}; check the address (and {MIRROR_ENV}, if set)"
-        ) from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise _network_error(url, part, e) from None
-    with resp:
-        status = getattr(resp, "status", None) or 200
-        length = resp.headers.get("Content-Length")
-        expected = int(length) if length and length.isdigit() else None
-        if offset and status == 206:
-            if _range_start(resp.headers.get("Content-Range")) != offset:
-                raise _Restart()
-            mode = "ab"
-        else:
-            offset, mode = 0, "wb"
-        total = offset + expected if expected is not None else size
-        _progress(progress, task, total=total, completed=offset)
-        received = _copy(resp, part, mode, url=url, chunk=chunk, progress=progress, task=task)
-    if expected is not None and received < expected:
-        done = offset + received
-        raise DataError(
-            f"download of {url} was cut off after {human_size(done)} of {human_size(offset + expected)};"
-            f" the part is kept in {part}: run the same command again to resume"
-        )
-
-
-def _copy(resp: BinaryIO, part: Path, mode: str, *, url: str, chunk: int, progress: Progress | None, task: Any) -> int:
-    """Append the response body to ``part``; bytes received are on disk even when this fails."""
-    received = 0
-    try:
-        with open(part, mode) as fh:
-            try:
-                while block := resp.read(chunk):
-                    fh.write(block)
-                    received += len(block)
-                    if progress is not None:
-                        progress.advance(task, len(block))
-            finally:
-                fh.flush()
-                os.fsync(fh.fileno())
-    except (OSError, http.client.HTTPException) as e:
-        raise _network_error(url, part, e) from None
-    return received
-
-
-def _range_start(content_range: str | None) -> int | None:
-    m = re.match(r"\s*bytes\s+(\d+)-", content_range or "")
-    return int(m.group(1)) if m else None
-
-
-def _range_total(content_range: str | None) -> int | None:
-    m = re.match(r"\s*bytes\s+[^/]*/(\d+)", content_range or "")
-    return int(m.group(1)) if m else None
-
-
-def _progress(progress: Progress | None, task: Any, *, total: int | None, completed: int) -> None:
-    if progress is not None:
-        progress.update(task, total=total, completed=completed)
-
-
-def _reason(e: BaseException) -> str:
-    """A short human reason for a network failure (no errno numbers)."""
-    reason: Any = getattr(e, "reason", None) or e
-    if isinstance(reason, TimeoutError) or isinstance(e, TimeoutError):
-        return "timed out"
-    if isinstance(reason, OSError) and reason.strerror:
-        return str(reason.strerror)
-    return str(reason) or type(e).__name__
-
-
-def _network_error(url: str, part: Path, e: BaseException) -> DataError:
-    reason = _reason(e)
-    host = urllib.parse.urlparse(url).netloc or url
-    kept = part.stat().st_size if part.exists() else 0
-    keep = f"{human_size(kept)} kept in {part}" if kept else "check the connection"
-    return DataError(f"download from {host} failed ({reason}); {keep}; run the same command again to resume")
-
-
-def _verify(
-    path: Path, *, label: str, url: str, sha256: str | None, md5: str | None, size: int | None
-) -> dict[str, Any]:
-    """Check ``path`` against what is expected; on a mismatch delete it and raise."""
-    h_sha, h_md5, n = hashlib.sha256(), hashlib.md5(), 0
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h_sha.update(block)
-            if md5:
-                h_md5.update(block)
-            n += len(block)
-    got = {"sha256": h_sha.hexdigest(), "md5": h_md5.hexdigest() if md5 else None, "size": n}
-    problems = []
-    if size is not None and n != size:
-        problems.append(f"expected {size} bytes, got {n}")
-    if sha256 and got["sha256"] != sha256.lower():
-        problems.append(f"expected sha256 {sha256.lower()}, got {got['sha256']}")
-    if md5 and got["md5"] != md5.lower():
-        problems.append(f"expected md5 {md5.lower()}, got {got['md5']}")
-    if problems:
-        path.unlink(missing_ok=True)
-        raise DataError(
-            f"checksum mismatch for {label}: {'; '.join(problems)}; the file was deleted:"
-            f" run the command again to download it afresh (if this repeats, the source {url} has changed)"
-        )
-    return got
-
-
-# ----------------------------------------------------------------------------------------------
-# extract: safe unpacking
-# ----------------------------------------------------------------------------------------------
-def is_archive(path: Path) -> bool:
-    name = path.name.lower()
-    return name.endswith((".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz"))
-
-
-def _member_parts(name: str, archive: Path) -> tuple[str, ...]:
-    """The path components of an archive member, refusing anything that could escape."""
-    norm = name.replace("\\", "/")
-    if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm):
-        raise DataError(f"refusing to extract {archive.name}: member {name!r} has an absolute path")
-    parts = tuple(p for p in norm.split("/") if p not in ("", "."))
-    if ".." in parts:
-        raise DataError(f"refusing to extract {archive.name}: member {name!r} would land outside the target folder")
-    if "\x00" in norm:
-        raise DataError(f"refusing to extract {archive.name}: member {name!r} has a NUL byte in its name")
-    return parts
-
-
-def _check_link(member: str, link: str, archive: Path, *, relative_to_member: bool) -> None:
-    """Refuse a symlink/hardlink whose target is absolute or leaves the extraction root."""
-    norm = link.replace("\\", "/")
-    if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm):
-        raise DataError(
-            f"refusing to extract {archive.name}: link {member!r} points outside the target folder ({link!r})"
-        )
-    base = PurePosixPath(*_member_parts(member, archive)).parent if relative_to_member else PurePosixPath()
-    depth = len(base.parts)
-    for p in PurePosixPath(norm).parts:
-        if p == "..":
-            depth -= 1
-        elif p not in (".", ""):
-            depth += 1
-        if depth < 0:
-            raise DataError(
-                f"refusing to extract {archive.name}: link {member!r} points outside the target folder ({link!r})"
-            )
-
-
-def _inside(root: Path, path: Path) -> bool:
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(path)
-    return real == real_root or real.startswith(real_root + os.sep)
-
-
-def _zip_is_symlink(info: zipfile.ZipInfo) -> bool:
-    return stat.S_ISLNK(info.external_attr >> 16)
-
-
-def _validate_zip(zf: zipfile.ZipFile, archive: Path) -> int:
-    total = 0
-    for info in zf.infolist():
-        _member_parts(info.filename, archive)
-        if _zip_is_symlink(info):
-            _check_link(info.filename, zf.read(info).decode("utf-8", "replace"), archive, relative_to_member=True)
-        total += info.file_size
-    return total
-
-
-def _validate_tar(tf: tarfile.TarFile, archive: Path) -> int:
-    total = 0
-    for m in tf.getmembers():
-        _member_parts(m.name, archive)
-        if m.issym():
-            _check_link(m.name, m.linkname, archive, relative_to_member=True)
-        elif m.islnk():
-            _member_parts(m.linkname, archive)
-            _check_link(m.name, m.linkname, archive, relative_to_member=False)
-        elif not (m.isfile() or m.isdir()):
-            raise DataError(f"refusing to extract {archive.name}: member {m.name!r} is a device or pipe")
-        total += m.size if m.isfile() else 0
-    return total
-
-
-def _extract_zip(zf: zipfile.ZipFile, tmp: Path, archive: Path, progress: Progress | None, task: Any) -> None:
-    for info in zf.infolist():
-        parts = _member_parts(info.filename, archive)
-        if not parts:
-            continue
-        out = tmp.joinpath(*parts)
-        if not _inside(tmp, out):  # also catches writing through a link unpacked earlier
-            raise DataError(
-                f"refusing to extract {archive.name}: member {info.filename!r} would land outside the target folder"
-            )
-        if info.is_dir():
-            out.mkdir(parents=True, exist_ok=True)
-            continue
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if _zip_is_symlink(info):
-            os.symlink(zf.read(info).decode("utf-8"), out)
-            continue
-        with zf.open(info) as src, open(out, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
-                if progress is not None:
-                    progress.advance(task, len(block))
-
-
-def _extract_tar(tf: tarfile.TarFile, tmp: Path, archive: Path) -> None:
-    if hasattr(tarfile, "data_filter"):
-        tf.extractall(tmp, filter="data")
-        return
-    for m in tf.getmembers():  # pragma: no cover - Python without extraction filters
-        if not _inside(tmp, tmp.joinpath(*_member_parts(m.name, archive)).parent):
-            raise DataError(
-                f"refusing to extract {archive.name}: member {m.name!r} would land outside the target folder"
-            )
-        tf.extract(m, tmp, set_attrs=False)
-
-
-def _check_tree(tmp: Path, archive: Path) -> None:
-    """After unpacking: every symlink must resolve inside the tree."""
-    for dirpath, dirs, files in os.walk(tmp):
-        for n in dirs + files:
-            p = Path(dirpath) / n
-            if p.is_symlink() and not _inside(tmp, p):
-                raise DataError(
-                    f"refusing to extract {archive.name}: link {p.relative_to(tmp)} points outside the target folder"
-                )
-
-
-def _real_dir(p: Path) -> bool:
-    return p.is_dir() and not p.is_symlink()
-
-
-def _move_into(src: Path, dst: Path) -> list[Path]:
-    """Rename ``src`` to ``dst``; merge into an existing folder file by file."""
-    if _real_dir(src) and _real_dir(dst):
-        moved: list[Path] = []
-        for child in sorted(src.iterdir()):
-            moved += _move_into(child, dst / child.name)
-        return moved
-    if _real_dir(dst):
-        shutil.rmtree(dst)
-    elif dst.is_symlink() or (dst.exists() and _real_dir(src)):
-        dst.unlink()
-    os.replace(src, dst)
-    if _real_dir(dst):
-        return [Path(d) / f for d, _, fs in os.walk(dst) for f in fs]
-    return [dst]
-
-
-def extract(archive: Path, target: Path, *, progress: Progress | None = None) -> list[Path]:
-    """Unpack a zip or tar(.gz/.bz2/.xz) ``archive`` into ``target``; returns the files written.
-
-    Every member is checked before anything is written: absolute paths, ``..`` components and
-    links pointing outside refuse the whole archive (:class:`DataError`).  Members are unpacked
-    into a temporary folder beside ``target`` and renamed into place only when all of them were
-    read (and their CRCs checked), so an interrupted or failed extraction leaves nothing in
-    ``target``.  Existing folders in ``target`` are merged into; existing files are replaced.
-    """
-    archive, target = Path(archive), Path(target)
-    if not archive.is_file():
-        raise DataError(f"archive {archive} does not exist")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".extract-{target.name}{writer_tag()}"
-    try:
-        with _open_archive(archive) as (kind, handle):
-            total = _validate_zip(handle, archive) if kind == "zip" else _validate_tar(handle, archive)
-            tmp.mkdir()
-            task = progress.add_task(f"unpacking {archive.name}", total=total) if progress is not None else None
-            if kind == "zip":
-                _extract_zip(handle, tmp, archive, progress, task)
-            else:
-                _extract_tar(handle, tmp, archive)
-                if progress is not None and task is not None:
-                    progress.update(task, completed=total)
-        _check_tree(tmp, archive)
-        target.mkdir(parents=True, exist_ok=True)
-        written: list[Path] = []
-        for child in sorted(tmp.iterdir()):
-            written += _move_into(child, target / child.name)
-        return written
-    except DataError:
-        raise
-    except _TAR_FILTER_ERROR as e:
-        raise DataError(f"refusing to extract {archive.name}: {e}") from None
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError) as e:
-        if isinstance(e, OSError) and not _is_corruption(e):
-            raise DataError(f"could not extract {archive.name} into {target}: {e}") from None
-        raise DataError(
-            f"{archive} is damaged ({e}); delete it and run the command again to download it afresh"
-        ) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-_TAR_FILTER_ERROR: type[Exception] = getattr(tarfile, "FilterError", DataError)
-
-
-def _is_corruption(e: OSError) -> bool:
-    # gzip/bz2/lzma report damaged streams as OSError subclasses without an errno.
-    return e.errno is None
-
-
-@contextlib.contextmanager
-def _open_archive(archive: Path) -> Any:
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            yield "zip", zf
-        return
-    try:
-        tf = tarfile.open(archive, "r:*")
-    except tarfile.ReadError:
-        raise DataError(f"{archive.name} is neither a zip nor a tar archive (or it is damaged)") from None
-    with tf:
-        yield "tar", tf
-
-
-# ----------------------------------------------------------------------------------------------
-# Registering local copies (the offline route)
-# ----------------------------------------------------------------------------------------------
-def _load_json(path: Path) -> Any:
-    try:
-        with open(path, "rb") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path} is not valid JSON ({e.msg} at line {e.lineno}); the file is damaged: get it again"
-        ) from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not valid JSON (not UTF-8 text); the file is damaged: get it again") from None
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def _check_coco_json(path: Path, required: Sequence[str]) -> dict[str, Any]:
-    data = _load_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path} is not a COCO annotation file: expected a JSON object with {', '.join(required)}")
-    missing = [k for k in required if not isinstance(data.get(k), list)]
-    if missing:
-        raise DataError(f"{path} is not a COCO annotation file: no {', '.join(repr(k) for k in missing)} list")
-    return data
-
-
-def _coco_split(root: Path, split: str, panoptic: bool) -> dict[str, Any]:
-    """Check one split of a COCO layout; return its settings block."""
-    images = root / f"{split}2017"
-    if panoptic:
-        ann = root / "annotations" / f"panoptic_{split}2017.json"
-        masks = root / "annotations" / f"panoptic_{split}2017"
-        if not masks.is_dir():
-            raise DataError(
-                f"{root}: {ann.relative_to(root)} is there but its PNG folder annotations/{masks.name}/ is missing"
-                f" (unzip annotations/{masks.name}.zip into annotations/)"
-            )
-        if next(masks.glob("*.png"), None) is None:
-            raise DataError(f"{root}: annotations/{masks.name}/ holds no PNG segment maps")
-    else:
-        ann = root / "annotations" / f"instances_{split}2017.json"
-    if not images.is_dir():
-        other = "val" if split == "train" else "train"
-        raise DataError(
-            f"{root}: {ann.relative_to(root)} is there but the images folder {images.name}/ is missing;"
-            f" add it, or register only the other split (--split {other})"
-        )
-    data = _check_coco_json(ann, ("images", "annotations", "categories"))
-    from .data.validate import check_coco
-
-    check_coco(data, ann, panoptic)
-    block: dict[str, Any] = {"annotations": str(ann), "images": str(images)}
-    if panoptic:
-        block["masks"] = str(masks)
-    block["num_images"] = len(data["images"])
-    return block
-
-
-def _coco_layout_error(root: Path, panoptic: bool) -> DataError:
-    if panoptic:
-        want = "annotations/panoptic_{train,val}2017.json with annotations/panoptic_{train,val}2017/*.png"
-    else:
-        want = "annotations/instances_{train,val}2017.json"
-    return DataError(
-        f"no COCO {'panoptic' if panoptic else 'instances'} annotations in {root}: expected {want}"
-        f" and the images in {{train,val}}2017/ (either split may be missing, not both)"
-    )
-
-
-def register_coco(
-    store: Store,
-    root: Path,
-    name: str = "coco",
-    *,
-    panoptic: bool = False,
-    splits: Sequence[str] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Entry:
-    """Check a COCO 2017 folder laid out as COCO ships it and register it as dataset ``name``.
-
-    Instances: ``annotations/instances_{split}2017.json`` and images in ``{split}2017/``.
-    Panoptic: ``annotations/panoptic_{split}2017.json``, its PNGs in
-    ``annotations/panoptic_{split}2017/`` and images in ``{split}2017/``.  ``splits=None``
-    takes every split whose annotation file is there (at least one must be); a split whose
-    annotation file is there must be complete.  Nothing is copied: the entry records where
-    the data is, and the sha256 of each annotation file as its inputs.
-    """
-    root = Path(root).expanduser().resolve()
-    store.path("datasets", name)  # validates the name before any work
-    if not root.is_dir():
-        raise DataError(f"{root} is not a folder: give the folder that holds annotations/ and train2017/ or val2017/")
-    prefix = "panoptic" if panoptic else "instances"
-    present = [s for s in SPLITS if (root / "annotations" / f"{prefix}_{s}2017.json").is_file()]
-    if splits is None:
-        wanted = present
-        if not wanted:
-            raise _coco_layout_error(root, panoptic)
-    else:
-        wanted = list(splits)
-        for s in wanted:
-            _splits(s)
-            if s not in present:
-                raise DataError(f"{root}: split {s!r} asked for, but annotations/{prefix}_{s}2017.json is missing")
-    blocks = {s: _coco_split(root, s, panoptic) for s in wanted}
-    digest = FileDigests(store)
-    inputs = {f"{s}.annotations": digest(blocks[s]["annotations"]) for s in wanted}
-    settings = {"format": "coco-panoptic" if panoptic else "coco", "root": str(root), "splits": blocks}
-    with store.writing("datasets", name, inputs=inputs, settings=settings, extra=extra):
-        pass
-    return store.get("datasets", name)
-
-
-VG_IMAGE_DIRS = ("VG_100K", "VG_100K_2", "images")
-
-
-def register_vg(store: Store, root: Path, name: str = "vg", *, extra: dict[str, Any] | None = None) -> Entry:
-    """Check a Visual Genome 1.4 folder and register it as dataset ``name`` (split ``train``).
-
-    Needs ``objects.json`` and at least one image folder (``VG_100K/``, ``VG_100K_2/`` or
-    ``images/``); ``image_data.json`` and ``object_synsets.json`` are recorded when present.
-    """
-    root = Path(root).expanduser().resolve()
-    store.path("datasets", name)
-    if not root.is_dir():
-        raise DataError(f"{root} is not a folder: give the folder that holds objects.json and VG_100K/")
-    objects = root / "objects.json"
-    if not objects.is_file():
-        raise DataError(f"no Visual Genome objects.json in {root} (unzip objects.json.zip there)")
-    with open(objects, "rb") as fh:
-        if fh.read(64).lstrip()[:1] != b"[":
-            raise DataError(f"{objects} is not a Visual Genome objects file (expected a JSON list)")
-    dirs = [root / d for d in VG_IMAGE_DIRS if (root / d).is_dir()]
-    if not dirs:
-        raise DataError(f"no Visual Genome images in {root}: expected VG_100K/ and/or VG_100K_2/")
-    block: dict[str, Any] = {"annotations": str(objects), "images": str(dirs[0]), "image_dirs": [str(d) for d in dirs]}
-    for key, fname in (("image_data", "image_data.json"), ("synsets", "object_synsets.json")):
-        if (root / fname).is_file():
-            block[key] = str(root / fname)
-    if "image_data" in block:
-        meta = _load_json(root / "image_data.json")
-        block["num_images"] = len(meta) if isinstance(meta, list) else 0
-    else:
-        block["num_images"] = sum(1 for d in dirs for e in os.scandir(d) if e.is_file())
-    inputs = {"train.annotations": FileDigests(store)(objects)}
-    settings = {"format": "vg", "root": str(root), "splits": {"train": block}}
-    with store.writing("datasets", name, inputs=inputs, settings=settings, extra=extra):
-        pass
-    return store.get("datasets", name)
-
 
 # ----------------------------------------------------------------------------------------------
 # Downloading whole datasets
 # ----------------------------------------------------------------------------------------------
-def downloads_dir(store: Store, name: str) -> Path:
-    """Where the archives and the unpacked files of downloaded dataset ``name`` live."""
-    store.path("datasets", name)
-    return store.root / "downloads" / name
-
-
 def _marker(dl: Path, src: Source) -> Path:
     return dl / f".{src.filename}.json"
 
@@ -807,7 +246,7 @@ def _get_archive(src: Source, dl: Path, progress: Progress | None) -> dict[str, 
     if marker is None or not dest.exists():
         if dest.exists():  # renamed into place, but the marker was never written
             exact = src.size if src.exact else None
-            digests = _verify(dest, label=dest.name, url=src.url, sha256=src.sha256, md5=src.md5, size=exact)
+            digests = verify(dest, label=dest.name, url=src.url, sha256=src.sha256, md5=src.md5, size=exact)
             result = {"path": dest, "url": src.resolved_url, **digests}
         else:
             result = fetch(
@@ -817,6 +256,7 @@ def _get_archive(src: Source, dl: Path, progress: Progress | None) -> dict[str, 
                 md5=src.md5,
                 size=src.size if src.exact else None,
                 progress=progress,
+                hint=_MIRROR_HINT,
             )
         marker = {
             "file": src.filename,
@@ -885,14 +325,14 @@ def download_dataset(
             _get_archive(src, dl, progress)
             _unpack(src, dl, data, progress)
         if kind == "coco-panoptic":
-            _unpack_panoptic_pngs(data, _splits(split), progress)
+            _unpack_panoptic_pngs(data, split_names(split), progress)
         records = [_read_marker(dl, s) for s in srcs]
         extra = {"downloads": [{k: r[k] for k in ("file", "url", "size", "sha256")} for r in records if r]}
         say(f"checking the files in {data}")
         if kind == "vg":
             return register_vg(store, data, name, extra=extra)
         present = [s for s in SPLITS if (data / f"{s}2017").is_dir()]
-        splits = sorted(set(present) | set(_splits(split)), key=SPLITS.index)
+        splits = sorted(set(present) | set(split_names(split)), key=SPLITS.index)
         return register_coco(store, data, name, panoptic=kind == "coco-panoptic", splits=splits, extra=extra)
 
 
@@ -965,7 +405,7 @@ def download_glove(
         else:
             what = human_size(size) if size else "size unknown"
             say(f"word vectors {source}: {what} to download into {dest.parent}")
-            fetch(url, dest, md5=md5, size=size, progress=progress)
+            fetch(url, dest, md5=md5, size=size, progress=progress, hint=_MIRROR_HINT)
         path = dest
         if is_archive(dest):
             unpacked = dest.parent / _archive_stem(fname)
@@ -1001,7 +441,7 @@ def download_weights(model_name: str, weights: str = "DEFAULT") -> dict[str, Any
         with hub_download_notice():
             w.get_state_dict(progress=True, check_hash=True)
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        reason = _reason(e)
+        reason = network_reason(e)
         raise DataError(
             f"download of {model_name} weights from {urllib.parse.urlparse(w.url).netloc} failed ({reason});"
             " run the command again"
@@ -1022,3 +462,4 @@ def _resolve_weights(enum: Any, weights: str, model_name: str) -> Any:
     except KeyError:
         names = ", ".join(["DEFAULT", *(m.name for m in enum)])
         raise LaviseError(f"{model_name} has no weights {weights!r}; choose one of: {names}") from None
+

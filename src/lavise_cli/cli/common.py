@@ -34,8 +34,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from ..download import human_size  # noqa: F401  (one unit system: binary, as the bars)
 from .. import errors as errors_module
+from ..fetch.http import human_size  # noqa: F401  (one unit system: binary, as the bars)
 from ..errors import LaviseError
 from ..store import Store
 

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.table import Table
 
 from ..errors import LaviseError
-from ..store import CACHE_KINDS, KINDS, discard
+from ..store import CACHE_KINDS, KINDS
 from .app import app
 from .common import check_number, emit_json, handle_errors, human_size, info, lazy, out, progress, state
 
 preprocess_dataset = lazy("data.index", "preprocess")
 register_instances_file = lazy("data.index", "register_instances_file")
 choose_embedding = lazy("data.index", "choose_embedding")
+describe_dataset = lazy("data.register", "describe_dataset")
 
 # No help= here: the callback's docstring (with its examples) is the group's --help.
 store_app = typer.Typer(no_args_is_help=False, rich_markup_mode="rich")
@@ -139,34 +140,21 @@ def store_rm(
       lavise store rm datasets coco --keep-downloads
     """
     st = state.store
-    if kind == "embeddings" and not force and st.exists(kind, name):
-        users = embedding_users(st, name)
-        if users:
-            raise LaviseError(f"the embedding {name} is used by {', '.join(users)}: remove those first, "
-                              f"or add --force (they then fail until rebuilt with other word vectors)")
-    st.remove(kind, name)
+    if kind == "datasets":
+        from ..data.register import remove_dataset
+
+        removed = remove_dataset(st, name, keep_downloads=keep_downloads)
+        info(f"removed {kind} {name}")
+        if removed.downloads is not None:
+            info(f"removed its downloaded files ({human_size(removed.freed)}, {removed.downloads})")
+        return
+    if kind == "embeddings":
+        from ..cleanup import remove_embedding
+
+        remove_embedding(st, name, force=force)
+    else:
+        st.remove(kind, name)
     info(f"removed {kind} {name}")
-    if kind == "datasets" and not keep_downloads:
-        from ..download import downloads_dir
-
-        dl = downloads_dir(st, name)
-        if dl.is_dir():
-            freed = sum(f.stat().st_size for f in dl.rglob("*") if f.is_file())
-            discard(dl)
-            info(f"removed its downloaded files ({human_size(freed)}, {dl})")
-
-
-def embedding_users(st: Any, name: str) -> list[str]:
-    """The indexes and explainers built with the embedding ``name``."""
-    users = []
-    for e in st.list("indexes"):
-        emb = (e.manifest.get("inputs") or {}).get("embedding") or {}
-        if isinstance(emb, dict) and emb.get("name") == name:
-            users.append(f"the index of {e.name}")
-    for e in st.list("explainers"):
-        if (e.manifest.get("inputs") or {}).get("embedding") == name:
-            users.append(f"the explainer {e.name}")
-    return users
 
 
 @app.command()
@@ -220,7 +208,7 @@ def preprocess(
             raise LaviseError("a JSON annotation file needs its images: add --images DIR")
         entry = register_instances_file(st, Path(dataset), images, name=name, split=split)
         dataset = entry.name
-        info(f"registered {dataset} from {entry.manifest['settings']['root']}")
+        info(f"registered {dataset} from {describe_dataset(entry)['root']}")
     chosen, why = choose_embedding(st, dataset, embedding) if st.exists("datasets", dataset) else (None, "")
     if chosen is not None:
         info(f"word vectors: {chosen} ({why}; choose others with --embedding NAME)")

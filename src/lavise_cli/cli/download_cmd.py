@@ -9,6 +9,7 @@ from typing import Any, Optional
 import typer
 
 from .. import download as dl
+from ..data.register import describe_dataset
 from ..store import Entry
 from .app import app
 from .common import emit_json, handle_errors, human_size, info, out, progress, state
@@ -48,12 +49,9 @@ def _report_dataset(entry: Entry, as_json: bool) -> None:
     if as_json:
         emit_json(entry_summary(entry))
         return
-    settings = entry.manifest.get("settings", {})
-    splits = ", ".join(f"{s} {b.get('num_images', 0):,} images" for s, b in settings.get("splits", {}).items())
-    out.print(
-        f"registered dataset [bold]{entry.name}[/] ({settings.get('format')}: {splits}) at {settings.get('root')}",
-        highlight=False,
-    )
+    d = describe_dataset(entry)
+    splits = ", ".join(f"{s} {n:,} images" for s, n in d["splits"].items())
+    out.print(f"registered dataset [bold]{entry.name}[/] ({d['format']}: {splits}) at {d['root']}", highlight=False)
 
 
 def _coco(kind: str, split: Split, from_: Optional[Path], name: Optional[str], as_json: bool) -> None:
