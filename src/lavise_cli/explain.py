@@ -30,7 +30,7 @@ EPS = 1e-8
 # Per-filter word ranking (RANKS): by count (images naming the word), or by specificity against the layer.
 CSLS_K = 10
 SOFTMAX_BETA = 30.0
-SPECIFICITY_PRIOR = 0.5
+SPECIFICITY_PRIOR = 0.05  # chosen by measurement (docs/method.md)
 
 
 def parse_filters(spec: str | None, d: int, all_filters: bool = False) -> list[int]:
@@ -327,7 +327,7 @@ def explain_filters(
                        word_scores=scores, confidence=conf, background_filters=n_bg)
 
 
-def specificity(counts: torch.Tensor, background: torch.Tensor, prior: float = SPECIFICITY_PRIOR) -> torch.Tensor:
+def specificity(counts: torch.Tensor, background: torch.Tensor, prior: float | None = None) -> torch.Tensor:
     """How specific a word's count is to a filter: ``c · log((c + a) / (m + a))`` (TF-IDF-like).
 
     ``counts`` ``(F, V)``: images of each filter naming each word; ``background`` ``(V,)``: the word's
@@ -335,6 +335,7 @@ def specificity(counts: torch.Tensor, background: torch.Tensor, prior: float = S
     about 0; a word named only here scores ``c · log((c + a) / a)``; zero counts score 0.
     """
     m = background[None, :].to(counts.dtype)
+    prior = SPECIFICITY_PRIOR if prior is None else prior
     return counts * torch.log((counts + prior) / (m + prior))
 
 
