@@ -570,7 +570,7 @@ def test_report_in_a_headless_browser(squares: dict[str, Any], tmp_path: Path) -
                                "'.card')).map(c => +c.dataset.filter); })()")
             want = sorted(active, key=lambda u: sign * confidence[u]) + [u for u in filters if u not in active]
             assert order == want, how
-        assert "confidence 0.95" in browser.js("document.getElementById('f3').innerText")
+        assert "confidence 0.95" in browser.js("document.getElementById('f3').textContent")
         # Sort by recall: high first, the uncounted filter last.
         order = browser.js("(() => { const s = document.getElementById('sort'); s.value = 'recall';"
                            " s.dispatchEvent(new Event('input')); return Array.from(document.querySelectorAll("
