@@ -219,12 +219,14 @@ def evaluate(
     for s in cuts:
         t.add_column(f"R@{s}", justify="right", no_wrap=True)
     t.add_column("filters/pairs/skipped", justify="right", no_wrap=True)
-    t.add_column("distinct top-1", justify="right", no_wrap=True)
-    t.add_column("top-1 share", justify="right", no_wrap=True)
-    t.add_column("filters/word", justify="right", no_wrap=True)
-    t.caption = (f"R@s cells: mean over (filter, image) pairs / mean over filters · retrieval {retrieval}, words "
-                 f"ranked by {rank} · diversity over active filters: distinct top-1 words, share of the most "
-                 "common one, filters per top-5 word")
+    t.caption = f"R@s cells: mean over (filter, image) pairs / mean over filters · retrieval {retrieval}"
+    # Diversity in a table of its own, so that the recall table keeps its width.
+    dt = Table(title=f"diversity of the filters' words (ranked by {rank})")
+    dt.add_column("method", no_wrap=True)
+    for name in ("distinct top-1", "top-1 share (word)", "filters/word"):
+        dt.add_column(name, justify="right", no_wrap=True)
+    dt.caption = ("over active filters: distinct top-1 words, share of filters whose top-1 word is the most "
+                  "common one, mean filters per top-5 word")
 
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}"
@@ -239,8 +241,14 @@ def evaluate(
         cells = []
         for s in cuts:
             cells.append(f"{fmt(r[f'recall@{s}']['pair_mean'])}/{fmt(r[f'recall@{s}']['filter_mean'])}")
+        t.add_row(m, *cells, f"{r['filters']}/{r['pairs']}/{r['skipped']}")
+    for m, r in res["methods"].items():
         dv = r.get("diversity")
-        div = ["", "", ""] if dv is None else [str(dv["distinct_top1"]), fmt(dv["top1_share"]), fmt(dv["filters_per_word"])]
-        t.add_row(m, *cells, f"{r['filters']}/{r['pairs']}/{r['skipped']}", *div)
+        if dv is not None:
+            common = (r.get("diversity_detail") or {}).get("most_common")
+            share = fmt(dv["top1_share"]) + (f" ({common})" if common else "")
+            dt.add_row(m, str(dv["distinct_top1"]), share,
+                       "-" if dv["filters_per_word"] is None else f"{dv['filters_per_word']:.1f}")
     out.print(t)
+    out.print(dt)
     info(f"pairs with no ground-truth concept (IoU > 0.04) are skipped; saved {path}")
