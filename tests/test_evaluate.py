@@ -226,7 +226,9 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def _ref_region(cache, row: int, u: int, size: int) -> np.ndarray:
     fu = cache.maps([row])[:, u:u + 1]
     up = F.interpolate(fu, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-    return (up >= cache.threshold[u]).numpy()
+    # ... with the nearest-neighbour footprint of the cells at T (issue 15)
+    foot = F.interpolate((fu >= cache.threshold[u]).float(), size=(size, size), mode="nearest-exact")[0, 0] > 0.5
+    return ((up >= cache.threshold[u]) | foot).numpy()
 
 
 def _ref_masks(target, row_image: int, space: ConceptSpace) -> dict[int, np.ndarray]:

@@ -29,10 +29,16 @@ from lavise_cli.download import register_coco
 from lavise_cli.embeddings import register_embedding
 from lavise_cli.errors import LaviseError
 from lavise_cli.explain import (
+    DEFAULT_RANK,
+    DEFAULT_RETRIEVAL,
     EPS,
     activation_mask_inputs,
     attention_inputs,
+    diversity,
     explain_filters,
+    nearest_words,
+    retrieval_scores,
+    retrieval_stats,
     original_inputs,
     parse_filters,
     rank_words,
@@ -192,7 +198,7 @@ def test_regions_equal_upsample_then_threshold(size: int) -> None:
     maps[:, 2] = 0.0
     maps[:, 2, 1:3, 1:3] = 6.0  # a saturated plateau exactly at T
     filt = torch.tensor([0, 1, 2, 3, 2])
-    got = regions(maps, filt, thr, size)
+    got = regions(maps, filt, thr, size, cells=False)  # the plain bilinear region (before issue 15)
     assert got.dtype == torch.bool and got.shape == (B, size, size)
     for b in range(B):
         u = int(filt[b])
@@ -200,6 +206,38 @@ def test_regions_equal_upsample_then_threshold(size: int) -> None:
         assert torch.equal(got[b], up >= thr[u]), b
     # The plateau at the cap yields a non-empty region (ties count).
     assert got[2].any() and got[4].any()
+    # The default region adds the nearest-neighbour footprint of the cells that reach T.
+    full = regions(maps, filt, thr, size)
+    for b in range(B):
+        u = int(filt[b])
+        hot = (maps[b:b + 1, u:u + 1] >= thr[u]).float()
+        foot = F.interpolate(hot, size=(size, size), mode="nearest-exact")[0, 0] > 0.5
+        assert torch.equal(full[b], got[b] | foot), b
+
+
+@pytest.mark.parametrize("size,cell", [(224, (3, 5)), (37, (2, 4)), (28, (0, 6)), (37, (6, 0))])
+def test_single_peak_cell_at_threshold_gives_its_footprint(size: int, cell: tuple[int, int]) -> None:
+    # A saturated filter: one cell exactly at T (ReLU6's cap), its neighbours well below.  Bilinear
+    # upsampling never reaches T between pixel centres, so the plain region is empty; the default
+    # region is exactly that cell's footprint (the pixels whose centres fall in the cell).
+    h = w = 7
+    maps = torch.zeros(1, 2, h, w)
+    maps[0, 0] = 1.0
+    maps[0, 0, cell[0], cell[1]] = 6.0
+    thr = torch.tensor([6.0, 1.0])
+    filt = torch.tensor([0])
+    interior = 0 < cell[0] < h - 1 and 0 < cell[1] < w - 1
+    if interior:  # (at the border, bilinear upsampling clamps and keeps a few pixels at T)
+        assert not regions(maps, filt, thr, size, cells=False).any()
+    got = regions(maps, filt, thr, size)[0]
+    centre = (torch.arange(size) + 0.5) * h / size  # pixel centres in cell units
+    rows = (centre >= cell[0]) & (centre < cell[0] + 1)
+    cols = (centre >= cell[1]) & (centre < cell[1] + 1)
+    want = rows[:, None] & cols[None, :]
+    assert want.any()
+    assert torch.equal(got, want)
+    if size == 224:  # 32 x 32 pixels per cell
+        assert int(got.sum()) == 32 * 32 and got[96:128, 160:192].all()
 
 
 def test_rank_words_by_count_then_summed_similarity() -> None:
@@ -219,6 +257,84 @@ def test_rank_words_by_count_then_summed_similarity() -> None:
     out2 = rank_words(idx2, sim2, len(words), 4, words)
     assert out2[0] == [("sky", 2, pytest.approx(0.2)), ("grass", 1, pytest.approx(0.99))]
     assert out2[1] == [("road", 3, pytest.approx(1.5))]
+
+
+def test_specific_rank_puts_a_word_every_filter_names_below_one_unique_to_the_filter() -> None:
+    words = ["person", "giraffe", "grass", "sky"]
+    # 3 filters x 4 images x 2 words: "person" is named by every image of every filter;
+    # "giraffe" only by 2 images of filter 0; filters 1 and 2 name grass / sky.
+    idx = torch.tensor([
+        [[0, 1], [0, 1], [0, 2], [0, 2]],
+        [[0, 2], [0, 2], [0, 2], [0, 3]],
+        [[0, 3], [0, 3], [0, 3], [0, 2]],
+    ])
+    sim = torch.full(idx.shape, 0.5)
+    sim[..., 0] = 0.9  # the hub is also the nearest word
+    by_count = rank_words(idx, sim, len(words), 3, words, rank="count")
+    assert by_count[0][0][0] == "person"  # counts: person 4, giraffe 2, grass 2
+    spec, extra, conf = rank_words(idx, sim, len(words), 3, words, rank="specific", details=True)
+    names0 = [w for w, _, _ in spec[0]]
+    assert names0.index("giraffe") < names0.index("person")
+    assert names0[0] == "giraffe"
+    # The raw count stays with each word; the hub word's specificity is 0 (as common everywhere).
+    assert dict((w, c) for w, c, _ in spec[0]) == {"giraffe": 2, "grass": 2, "person": 4}
+    sp0 = dict(zip(names0, (e[0] for e in extra[0])))
+    assert sp0["person"] == pytest.approx(0.0) and sp0["grass"] == pytest.approx(0.0)  # grass: 2 here, 2 on average
+    assert sp0["giraffe"] > 0
+    assert names0 == ["giraffe", "person", "grass"]  # equal specificity: by count
+    # Each filter's top word is no longer the hub.
+    assert all(ws[0][0] != "person" for ws in spec)
+    # Confidence: agreement 2/4 on "giraffe" x specificity 1 - (2/3)/2.
+    assert conf[0]["agreement"] == pytest.approx(0.5)
+    assert conf[0]["specificity"] == pytest.approx(1 - (2 / 3) / 2, abs=1e-4)
+    assert conf[0]["confidence"] == pytest.approx(0.5 * (1 - (2 / 3) / 2), abs=1e-4)
+    # With an explicit layer background in which giraffe is as common as here, it ranks by count.
+    bg = torch.tensor([4.0, 2.0, 0.0, 0.0])
+    spec_bg = rank_words(idx[:1], sim[:1], len(words), 3, words, rank="specific", background=bg)
+    assert spec_bg[0][0][0] == "grass"
+    with pytest.raises(LaviseError, match="unknown rank"):
+        rank_words(idx, sim, len(words), 3, words, rank="tfidf")
+
+
+def test_csls_equals_a_hand_computed_case() -> None:
+    # Two predicted vectors and three words in 2-d, with CSLS_K = 10 > both counts (so r_w and r_x
+    # are means over all background vectors / all words).
+    s2 = 2 ** -0.5
+    vv = torch.tensor([[1.0, 0.0], [0.0, 1.0], [s2, s2]])  # words a, b, c
+    bg = torch.tensor([[1.0, 0.0], [0.6, 0.8]])  # the layer's predicted vectors
+    st = retrieval_stats(bg, vv, "csls")
+    # r_w: mean cosine of each word to (all, here) its nearest background vectors.
+    r_a, r_b, r_c = (1.0 + 0.6) / 2, (0.0 + 0.8) / 2, (s2 + 1.4 * s2) / 2
+    assert st.r_word.tolist() == pytest.approx([r_a, r_b, r_c])
+    x = torch.tensor([[0.6, 0.8]])
+    cos = [0.6, 0.8, 1.4 * s2]
+    r_x = sum(cos) / 3
+    want = [2 * cos[0] - r_a - r_x, 2 * cos[1] - r_b - r_x, 2 * cos[2] - r_c - r_x]
+    got = retrieval_scores(x, vv, "csls", st)
+    assert got[0].tolist() == pytest.approx(want)
+    # Cosine picks the hub word c first; CSLS prefers b, which is near this vector but not to every vector.
+    idx, sim = nearest_words(x, vv, 1, "cosine", retrieval_stats(bg, vv, "cosine"))
+    assert idx.tolist() == [[2]]
+    idx, sim = nearest_words(x, vv, 1, "csls", st)
+    assert idx.tolist() == [[1]] and sim.tolist() == [[pytest.approx(0.8)]]  # the cosine is reported
+    # Centred: the mean vector (0.8, 0.4) is removed before the cosine.
+    stc = retrieval_stats(bg, vv, "centred")
+    assert stc.mean.tolist() == pytest.approx([0.8, 0.4])
+    c = torch.tensor([-0.2, 0.4]) / (0.2 ** 2 + 0.4 ** 2) ** 0.5
+    assert retrieval_scores(x, vv, "centred", stc)[0].tolist() == pytest.approx((vv @ c).tolist(), abs=1e-6)
+    with pytest.raises(LaviseError, match="unknown retrieval"):
+        retrieval_stats(bg, vv, "hubless")
+
+
+def test_diversity_figures_on_a_constructed_case() -> None:
+    words = [["person", "dog"], ["person", "sky"], ["cat", "person"], ["person"], ["x"], []]
+    d = diversity(words, inactive=[False, False, False, False, True, False])
+    # active filters with words: 0-3; top-1: person x3, cat x1; top-5 words: person 4, dog 1, sky 1, cat 1.
+    assert d["distinct_top1"] == 2
+    assert d["top1_share"] == pytest.approx(0.75)
+    assert d["filters_per_word"] == pytest.approx(7 / 4)
+    assert d["filters"] == 4 and d["most_common"] == "person"
+    assert diversity([])["distinct_top1"] == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +449,8 @@ def test_explain_filters_equal_loop_reference(trained: dict[str, Any]) -> None:
     g = ses.explainer.module.eval()
     vv = torch.as_tensor(vocab.vectors, dtype=torch.float32)
     for method in ("attention", "original", "activation-masking"):
-        ex = run_explain(ses, filters, method, vocab, p=p, s=s, k=k)
+        # Plain cosine search, words by count (the settings before issue 15; the others are tested apart).
+        ex = run_explain(ses, filters, method, vocab, p=p, s=s, k=k, retrieval="cosine", rank="count")
         assert ex.filters == filters
         assert ex.image_words.shape == (3, p, s)
         for j, u in enumerate(filters):
@@ -371,7 +488,7 @@ def test_image_masking_equals_loop_reference(trained: dict[str, Any]) -> None:
     vocab = vocabulary_for(ses, "default")
     cache, net, pre = ses.cache, ses.model.module, ses.model.preprocess
     filters, p, s = [0, 2, 4], 4, 3
-    ex = run_explain(ses, filters, "image-masking", vocab, p=p, s=s, k=3)
+    ex = run_explain(ses, filters, "image-masking", vocab, p=p, s=s, k=3, retrieval="cosine", rank="count")
     vv = torch.as_tensor(vocab.vectors, dtype=torch.float32)
     g = ses.explainer.module.eval()
     for j, u in enumerate(filters):
@@ -384,6 +501,9 @@ def test_image_masking_equals_loop_reference(trained: dict[str, Any]) -> None:
             fu = cache.maps([r])[:, u:u + 1]
             keep = F.interpolate(fu, size=(pre.input_size,) * 2, mode="bilinear", align_corners=False)[0, 0] \
                 >= cache.threshold[u]
+            # ... with the footprint of the cells at T (the region's definition since issue 15)
+            keep |= F.interpolate((fu >= cache.threshold[u]).float(), size=(pre.input_size,) * 2,
+                                  mode="nearest-exact")[0, 0] > 0.5
             with torch.no_grad():
                 fmap = net.feat(net.pool(net.act(net.conv((img * keep)[None]))))
             zs.append(fmap.flatten(2).mean(2)[0])
@@ -558,7 +678,8 @@ def test_cli_explain_json_csv_and_saved(trained: dict[str, Any]) -> None:
     doc = json.loads(res.stdout)
     assert [f["filter"] for f in doc["filters"]] == [0, 3, 4]
     assert doc["method"] == "attention" and doc["layer"] == "feat" and doc["explainer"] == trained["explainer"]
-    assert doc["settings"] == {"p": 5, "s": 3, "k": 2}
+    assert {k: doc["settings"][k] for k in ("p", "s", "k")} == {"p": 5, "s": 3, "k": 2}
+    assert (doc["settings"]["retrieval"], doc["settings"]["rank"]) == (DEFAULT_RETRIEVAL, DEFAULT_RANK)
     assert doc["vocabulary"]["source"] == "default"
     for f in doc["filters"]:
         assert len(f["top_images"]) == 5
@@ -606,6 +727,45 @@ def test_cli_explain_json_csv_and_saved(trained: dict[str, Any]) -> None:
     assert res.exit_code == 0 and "inactive" in res.stdout
 
 
+def test_cli_explain_retrieval_rank_and_confidence(trained: dict[str, Any]) -> None:
+    home = trained["home"]
+    docs = {}
+    for retrieval in ("cosine", "csls", "centred", "inverted-softmax"):
+        for rank in ("count", "specific"):
+            res = run_cli(home, "-q", "explain", "-f", "0,2", "-p", "5", "-s", "3", "-k", "3", "--retrieval", retrieval,
+                          "--rank", rank, "--json")
+            assert res.exit_code == 0, res.output
+            doc = json.loads(res.stdout)
+            assert (doc["settings"]["retrieval"], doc["settings"]["rank"]) == (retrieval, rank)
+            # The background is the whole layer (6 filters, 5 active), even for 2 filters asked.
+            assert doc["background_filters"] == 5
+            for f in doc["filters"]:
+                assert 0.0 <= f["confidence"] <= 1.0
+                assert f["confidence"] == pytest.approx(f["agreement"] * f["top_word_specificity"], abs=1e-3)
+                assert f["agreement"] == pytest.approx(f["words"][0]["images"] / 5)
+                for w in f["words"]:
+                    assert 1 <= w["images"] <= 5 and w["layer_mean"] >= 0 and "specificity" in w
+                if rank == "specific":
+                    sp = [w["specificity"] for w in f["words"]]
+                    assert sp == sorted(sp, reverse=True)
+                else:
+                    cnt = [w["images"] for w in f["words"]]
+                    assert cnt == sorted(cnt, reverse=True)
+            docs[retrieval, rank] = doc
+    # The rank reorders a filter's words but never changes what each image named.
+    for retrieval in ("cosine", "csls"):
+        a, b = docs[retrieval, "count"], docs[retrieval, "specific"]
+        assert [[t["words"] for t in f["top_images"]] for f in a["filters"]] == \
+            [[t["words"] for t in f["top_images"]] for f in b["filters"]]
+    res = run_cli(home, "-q", "explain", "-f", "0", "--retrieval", "csls", "--rank", "specific", "--csv")
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert rows and {"specificity", "layer_mean", "confidence", "images"} <= set(rows[0])
+    assert_clear_error(run_cli(home, "-q", "explain", "-f", "0", "--retrieval", "hubless"), "hubless", "csls")
+    assert_clear_error(run_cli(home, "-q", "explain", "-f", "0", "--rank", "tfidf"), "tfidf", "specific")
+    assert_clear_error(run_cli(home, "-q", "evaluate", "--retrieval", "hubless"), "hubless")
+
+
 def test_cli_evaluate_json(trained: dict[str, Any]) -> None:
     res = run_cli(trained["home"], "-q", "evaluate", "--recall", "1,3", "--methods", "all", "-p", "4", "--json")
     assert res.exit_code == 0, res.output
@@ -620,7 +780,18 @@ def test_cli_evaluate_json(trained: dict[str, Any]) -> None:
         # recall@s never falls as s grows.
         if r["pairs"]:
             assert r["recall@3"]["pair_mean"] >= r["recall@1"]["pair_mean"]
+        # Diversity of the filters' words over the 5 active filters.
+        dv = r["diversity"]
+        assert set(dv) == {"distinct_top1", "top1_share", "filters_per_word"}
+        assert 1 <= dv["distinct_top1"] <= 5 and 1 / 5 <= dv["top1_share"] <= 1.0
+        assert 1.0 <= dv["filters_per_word"] <= 5.0
+    # The frequency baseline names the same words for every filter.
+    assert doc["methods"]["frequency"]["diversity"] == {"distinct_top1": 1, "top1_share": 1.0, "filters_per_word": 5.0}
+    assert (doc["retrieval"], doc["rank"]) == (DEFAULT_RETRIEVAL, DEFAULT_RANK)
     assert Path(doc["per_filter_saved"]).is_file()
+    res = run_cli(trained["home"], "-q", "evaluate", "--recall", "1,3", "-p", "4")
+    assert res.exit_code == 0, res.output
+    assert "distinct top-1" in res.stdout
 
 
 def test_netdissect_with_more_words_than_concepts(trained: dict[str, Any]) -> None:

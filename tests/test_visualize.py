@@ -234,9 +234,12 @@ def test_heatmap_highlights_exactly_the_region(squares: dict[str, Any]) -> None:
         tops = entry["top_images"][:n]
         rows = [t["row"] for t in tops]
         maps = ses.cache.maps(rows)
-        # The region by its definition: F_u upsampled bilinearly to the input size, >= T_u.
+        # The region by its definition: F_u upsampled bilinearly to the input size, >= T_u, with the
+        # nearest-neighbour footprint of the cells >= T_u.
         up = F.interpolate(maps[:, u:u + 1], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]
-        want = up >= ses.cache.threshold[u]
+        bilinear = up >= ses.cache.threshold[u]
+        hot = (maps[:, u:u + 1] >= ses.cache.threshold[u]).float()
+        want = bilinear | (F.interpolate(hot, size=(SIZE, SIZE), mode="nearest-exact")[:, 0] > 0.5)
         for q, t in enumerate(tops):
             x, y = lay.tiles[q]
             tile = arr[y:y + SIZE, x:x + SIZE]
@@ -257,6 +260,7 @@ def test_heatmap_highlights_exactly_the_region(squares: dict[str, Any]) -> None:
             # holds the border cell's value out to the edge).
             cat = {0: 1, 1: 2}[u]
             known = np.zeros((SIZE, SIZE), bool)
+            square = np.zeros((SIZE, SIZE), bool)
 
             def span(a: int) -> slice:
                 return slice(a + CELL // 2 if a > 0 else 0, a + 5 * CELL // 2 if a + 3 * CELL < SIZE else SIZE)
@@ -264,7 +268,10 @@ def test_heatmap_highlights_exactly_the_region(squares: dict[str, Any]) -> None:
             for c, x0, y0 in squares["drawn"][Path(t["path"]).name]:
                 if c == cat:
                     known[span(y0), span(x0)] = True
-            assert known.any() and np.array_equal(want[q].numpy(), known), (u, q)
+                    square[y0:y0 + 3 * CELL, x0:x0 + 3 * CELL] = True
+            assert known.any() and np.array_equal(bilinear[q].numpy(), known), (u, q)
+            # With the cells at T, the region is the whole square: its cells' footprint.
+            assert np.array_equal(want[q].numpy(), square), (u, q)
 
 
 def test_heatmap_paths_write_pngs_atomically(squares: dict[str, Any], tmp_path: Path) -> None:
@@ -532,6 +539,10 @@ def test_report_in_a_headless_browser(squares: dict[str, Any], tmp_path: Path) -
     # Distinct recalls (and one filter never counted) make the sort order unambiguous.
     planted = [0.25, None, 0.9, 0.5, 0.05, 0.7]
     evaluation["per_filter"]["attention"]["recall@5"] = planted
+    confidence = [0.1, 0.6, 0.3, 0.95, 0.0, 0.45]
+    for f, c in zip(doc["filters"], confidence):
+        assert 0.0 <= f["confidence"] <= 1.0
+        f["confidence"] = c
     page = viz.build_report(ses, doc, evaluation, tmp_path / "site" / "report.html", n_images=n, thumb=64)
     downloads = tmp_path / "downloads"
     downloads.mkdir()
@@ -551,6 +562,15 @@ def test_report_in_a_headless_browser(squares: dict[str, Any], tmp_path: Path) -
         # The recall table and the settings are at the top.
         head = browser.js("document.querySelector('header').innerText")
         assert "R@5" in head and "attention" in head and squares["explainer"] in head
+        # Sort by confidence (shown on each card): high first, then low first; inactive filters have none.
+        active = [u for u in filters if not doc["filters"][u]["inactive"]]
+        for how, sign in (("confidence", -1), ("confidence-asc", 1)):
+            order = browser.js(f"(() => {{ const s = document.getElementById('sort'); s.value = '{how}';"
+                               " s.dispatchEvent(new Event('input')); return Array.from(document.querySelectorAll("
+                               "'.card')).map(c => +c.dataset.filter); })()")
+            want = sorted(active, key=lambda u: sign * confidence[u]) + [u for u in filters if u not in active]
+            assert order == want, how
+        assert "confidence 0.95" in browser.js("document.getElementById('f3').textContent")
         # Sort by recall: high first, the uncounted filter last.
         order = browser.js("(() => { const s = document.getElementById('sort'); s.value = 'recall';"
                            " s.dispatchEvent(new Event('input')); return Array.from(document.querySelectorAll("

@@ -11,6 +11,12 @@ from dataclasses import dataclass
 # The explanation methods of `lavise explain` (explain.py) and what `lavise evaluate` scores (pipeline.py).
 METHODS = ("attention", "original", "activation-masking", "image-masking", "netdissect")
 ALL_METHODS = ("attention", "activation-masking", "image-masking", "original", "netdissect", "frequency")
+# Nearest-word search per image and the order of a filter's words (explain.py; docs/method.md,
+# "Words that tell filters apart"; the defaults were picked by benchmarks/word_specificity.py).
+RETRIEVALS = ("cosine", "csls", "centred", "inverted-softmax")
+RANKS = ("count", "specific")
+DEFAULT_RETRIEVAL = "cosine"
+DEFAULT_RANK = "specific"
 
 
 @dataclass

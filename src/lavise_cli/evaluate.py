@@ -56,8 +56,11 @@ def image_masks(target: TargetSet, row_image: int, size: int, space: ConceptSpac
 
 @torch.no_grad()
 def ground_truth(target: TargetSet, cache: TargetCache, filters: Sequence[int], top_rows: torch.Tensor,
-                 size: int, space: ConceptSpace, progress: Any = None) -> torch.Tensor:
-    """``G`` as bool ``(F, p, C)``: concepts whose mask has IoU > 0.04 with the filter's region."""
+                 size: int, space: ConceptSpace, progress: Any = None, cells: bool = True) -> torch.Tensor:
+    """``G`` as bool ``(F, p, C)``: concepts whose mask has IoU > 0.04 with the filter's region.
+
+    ``cells=False``: the plain bilinear region, without the footprint of cells at ``T_u``.
+    """
     if not target.labelled:
         raise LaviseError("evaluation needs a labelled target set (a preprocessed dataset), not a plain image folder")
     filt = torch.as_tensor(list(filters), dtype=torch.long)
@@ -70,7 +73,7 @@ def ground_truth(target: TargetSet, cache: TargetCache, filters: Sequence[int], 
         ids, masks = image_masks(target, int(cache.rows[r]), size, space)
         if len(ids):
             fmap = cache.maps([r])
-            reg = regions(fmap.expand(len(fi), -1, -1, -1), filt[fi], cache.threshold, size)
+            reg = regions(fmap.expand(len(fi), -1, -1, -1), filt[fi], cache.threshold, size, cells=cells)
             hit = iou_matrix(reg, masks) > IOU_THRESHOLD  # (f, K)
             gt[fi[:, None], pi[:, None], ids[None, :]] |= hit
         if task is not None:

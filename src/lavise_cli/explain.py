@@ -6,6 +6,7 @@ of filters only to bound memory; there is no Python loop over single filters, im
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -17,8 +18,19 @@ from .errors import LaviseError
 from .explainer import LoadedExplainer
 from .target import TargetCache
 
-from .defaults import METHODS  # noqa: E402  (defined there so that the CLI reads it without torch)
+# Defined there so that the CLI reads them without torch.
+from .defaults import DEFAULT_RANK, DEFAULT_RETRIEVAL, METHODS, RANKS, RETRIEVALS  # noqa: E402
 EPS = 1e-8
+# Nearest-word search (see docs/method.md, "Words that tell filters apart"):
+#   cosine            cos(v, w)
+#   csls              2 cos(v, w) - r_w - r_v, r_w the mean cosine of word w to its CSLS_K nearest
+#                     predicted vectors of the layer, r_v that of v to its CSLS_K nearest words
+#   centred           cos(v - mu, w), mu the mean predicted vector of the layer
+#   inverted-softmax  cos(v, w) - log(mean_x exp(beta cos(x, w))) / beta over the layer's vectors
+# Per-filter word ranking (RANKS): by count (images naming the word), or by specificity against the layer.
+CSLS_K = 10
+SOFTMAX_BETA = 30.0
+SPECIFICITY_PRIOR = 0.05  # chosen by measurement (docs/method.md)
 
 
 def parse_filters(spec: str | None, d: int, all_filters: bool = False) -> list[int]:
@@ -81,11 +93,23 @@ def activation_mask_inputs(maps: torch.Tensor, filt: torch.Tensor, thresholds: t
     return (flat * mask[:, None, :]).mean(2)
 
 
-def regions(maps: torch.Tensor, filt: torch.Tensor, thresholds: torch.Tensor, size: int) -> torch.Tensor:
-    """The filter's region per row: ``F_u`` bilinearly upsampled to ``size``, ``>= T_u`` -> bool (B, size, size)."""
+def regions(maps: torch.Tensor, filt: torch.Tensor, thresholds: torch.Tensor, size: int, cells: bool = True
+            ) -> torch.Tensor:
+    """The filter's region per row -> bool (B, size, size).
+
+    ``F_u`` bilinearly upsampled to ``size``, ``>= T_u``; with ``cells`` (the default) united with
+    the nearest-neighbour footprint of the cells that reach ``T_u`` themselves.  Without the
+    footprint, a single peak cell at ``T_u`` (a saturated filter: ReLU6 caps at ``T_u``) is never
+    reached between pixel centres and the image has an empty region.
+    """
     fu = maps[torch.arange(len(filt)), filt][:, None]  # (B, 1, h, w)
+    thr = thresholds[filt][:, None, None]
     up = F.interpolate(fu, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-    return up >= thresholds[filt][:, None, None]
+    reg = up >= thr
+    if cells:
+        hot = (fu[:, 0] >= thr).to(fu.dtype)[:, None]
+        reg |= F.interpolate(hot, size=(size, size), mode="nearest-exact")[:, 0] > 0.5
+    return reg
 
 
 @dataclass
@@ -101,11 +125,124 @@ class Explanation:
     inactive: list[bool]
     vocabulary: Vocabulary
     settings: dict[str, Any] = field(default_factory=dict)
+    # Per filter, beside ``words``: (specificity score, the word's mean count over the layer's filters).
+    word_scores: list[list[tuple[float, float]]] = field(default_factory=list)
+    # Per filter: {"confidence", "agreement", "specificity"} (see :func:`filter_confidence`).
+    confidence: list[dict[str, float]] = field(default_factory=list)
+    # The background the specificity and the retrieval correction came from: active filters counted.
+    background_filters: int = 0
+
+
+@dataclass
+class RetrievalStats:
+    """What a retrieval correction needs from the layer's predicted vectors (the background)."""
+
+    mean: torch.Tensor | None = None  # (e,) centred
+    r_word: torch.Tensor | None = None  # (V,) csls
+    log_norm: torch.Tensor | None = None  # (V,) inverted-softmax
+
+
+def retrieval_stats(background: torch.Tensor, vv: torch.Tensor, retrieval: str, chunk: int = 1024) -> RetrievalStats:
+    """Statistics of the background vectors ``(N, e)`` against the vocabulary ``(V, e)`` (unit rows)."""
+    if retrieval not in RETRIEVALS:
+        raise LaviseError(f"unknown retrieval {retrieval!r}; choose from {', '.join(RETRIEVALS)}")
+    st = RetrievalStats()
+    if retrieval == "centred":
+        st.mean = background.mean(0) if len(background) else torch.zeros(vv.shape[1])
+    elif retrieval in ("csls", "inverted-softmax"):
+        out = torch.zeros(len(vv))
+        n = len(background)
+        for c0 in range(0, len(vv), chunk):
+            sims = vv[c0:c0 + chunk] @ background.T  # (c, N)
+            if n == 0:
+                continue
+            if retrieval == "csls":
+                out[c0:c0 + chunk] = sims.topk(min(CSLS_K, n), dim=1).values.mean(1)
+            else:
+                out[c0:c0 + chunk] = (torch.logsumexp(SOFTMAX_BETA * sims, dim=1) - math.log(n)) / SOFTMAX_BETA
+        if retrieval == "csls":
+            st.r_word = out
+        else:
+            st.log_norm = out
+    return st
+
+
+def retrieval_scores(v: torch.Tensor, vv: torch.Tensor, retrieval: str, stats: RetrievalStats) -> torch.Tensor:
+    """Scores ``(B, V)`` of predicted unit vectors ``v`` against the vocabulary under ``retrieval``."""
+    if retrieval == "centred":
+        assert stats.mean is not None
+        c = v - stats.mean
+        return (c / (c.norm(dim=1, keepdim=True) + EPS)) @ vv.T
+    cos = v @ vv.T
+    if retrieval == "csls":
+        assert stats.r_word is not None
+        r_v = cos.topk(min(CSLS_K, cos.shape[1]), dim=1).values.mean(1, keepdim=True)
+        return 2 * cos - stats.r_word[None, :] - r_v
+    if retrieval == "inverted-softmax":
+        assert stats.log_norm is not None
+        return cos - stats.log_norm[None, :]
+    return cos
+
+
+def nearest_words(v: torch.Tensor, vv: torch.Tensor, s: int, retrieval: str, stats: RetrievalStats,
+                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``s`` best words per row of ``v`` under ``retrieval`` -> (indices, cosine similarities), best first."""
+    idx = torch.zeros(len(v), s, dtype=torch.long)
+    sim = torch.zeros(len(v), s)
+    for c0 in range(0, len(v), chunk):
+        vc = v[c0:c0 + chunk]
+        i = retrieval_scores(vc, vv, retrieval, stats).topk(s, dim=1).indices
+        idx[c0:c0 + chunk] = i
+        sim[c0:c0 + chunk] = (vc[:, None, :] * vv[i]).sum(2)
+    return idx, sim
 
 
 def _chunk_size(p: int, d: int, hw: int, budget: int = 1 << 28) -> int:
     """Filters per chunk so that the gathered maps stay under ~``budget`` bytes (float32)."""
     return max(1, budget // max(1, p * d * hw * 4))
+
+
+
+def _predicted_vectors(g: Any, cache: TargetCache, filt: torch.Tensor, top: torch.Tensor, method: str,
+                       masked_inputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+                       progress: Any = None, budget: int = 1 << 30) -> torch.Tensor:
+    """The explainer's unit vectors ``(F, p, e)`` for every (filter, top image) pair of ``filt``."""
+    d, h, w = cache.shape
+    nf, p = top.shape
+    uniq, inv = torch.unique(top, return_inverse=True)
+    # Maps of every row needed, loaded once when they fit in ``budget``; else per chunk of filters.
+    whole = method != "image-masking" and len(uniq) * d * h * w * 4 <= budget
+    maps = cache.maps(uniq) if whole else None
+    chunk = _chunk_size(p, d, h * w)
+    out: torch.Tensor | None = None
+    task = progress.add_task(f"explaining ({method})", total=nf, unit="filter") if progress is not None else None
+    for c0 in range(0, nf, chunk):
+        fc = filt[c0:c0 + chunk]
+        rows = inv[c0:c0 + chunk].reshape(-1)  # (c*p,) positions in uniq
+        fr = fc.repeat_interleave(p)  # the filter of each (filter, image) row
+        if method == "image-masking":
+            assert masked_inputs is not None
+            z = masked_inputs(uniq[rows], fr)
+        else:
+            if maps is not None:
+                m = maps[rows]
+            else:
+                u2, i2 = torch.unique(rows, return_inverse=True)
+                m = cache.maps(uniq[u2])[i2]
+            if method == "attention":
+                z = attention_inputs(m, fr)
+            elif method == "original":
+                z = original_inputs(m, fr)
+            else:
+                z = activation_mask_inputs(m, fr, cache.threshold)
+        v = g(z)  # (c*p, e) unit vectors
+        if out is None:
+            out = torch.zeros(nf, p, v.shape[1])
+        out[c0:c0 + len(fc)] = v.view(len(fc), p, -1)
+        if task is not None:
+            progress.advance(task, len(fc))
+    assert out is not None
+    return out
 
 
 @torch.no_grad()
@@ -119,11 +256,24 @@ def explain_filters(
     p: int = 25,
     s: int = 5,
     k: int = 5,
+    retrieval: str = DEFAULT_RETRIEVAL,
+    rank: str = DEFAULT_RANK,
+    rank_s: int | None = None,
     masked_inputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     fixed_words: torch.Tensor | None = None,
     progress: Any = None,
 ) -> Explanation:
     """Explain ``filters`` over the cached target set.
+
+    ``retrieval`` picks each image's nearest words (:data:`RETRIEVALS`), ``rank`` orders a filter's
+    words (:data:`RANKS`).  Both corrections need the whole layer as background: the predicted
+    vectors of every active filter's top images, and each word's mean count over those filters.
+    They come from the same batched pass, over all filters of the layer even when only a few are
+    asked, except for ``image-masking`` (which re-runs the backbone per pair: its background is
+    the filters asked) and ``netdissect`` (fixed words: the filters asked).
+
+    ``rank_s``: the per-filter words gather only each image's first ``rank_s`` words (default ``s``;
+    ``evaluate`` retrieves 20 words per image for recall@20 but ranks filters' words as ``explain`` does).
 
     ``masked_inputs(rows, filters) -> z`` serves ``image-masking`` (it re-runs the backbone);
     ``fixed_words`` ``(F, s)`` serves methods that name the same words for every image of a filter
@@ -131,71 +281,143 @@ def explain_filters(
     """
     if method not in METHODS:
         raise LaviseError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if retrieval not in RETRIEVALS:
+        raise LaviseError(f"unknown retrieval {retrieval!r}; choose from {', '.join(RETRIEVALS)}")
+    if rank not in RANKS:
+        raise LaviseError(f"unknown rank {rank!r}; choose from {', '.join(RANKS)}")
     d, h, w = cache.shape
     filt = torch.as_tensor(list(filters), dtype=torch.long)
-    top = top_images(cache, p)[filt]  # (F, p)
+    top_all = top_images(cache, p)  # (d, p)
+    top = top_all[filt]  # (F, p)
     p = top.shape[1]
     nf = len(filt)
-    s_eff = min(s, len(vocab.words) if fixed_words is None else fixed_words.shape[1])
-    words_idx = torch.zeros(nf, p, s_eff, dtype=torch.long)
-    words_sim = torch.zeros(nf, p, s_eff)
+    active = cache.threshold > 0  # (d,)
+    V = len(vocab.words)
+    s_eff = min(s, V if fixed_words is None else fixed_words.shape[1])
     if fixed_words is not None:
         words_idx = fixed_words[:, None, :s_eff].expand(nf, p, s_eff).clone()
         words_sim = torch.ones(nf, p, s_eff)
+        bg_idx = words_idx[active[filt]]
     else:
         if explainer is None:
             raise LaviseError(f"method {method} needs an explainer")
         g = explainer.module.eval()
         vv = torch.as_tensor(vocab.vectors, dtype=torch.float32)
-        # Rows of the target cache needed by any filter, loaded once.
-        uniq, inv = torch.unique(top, return_inverse=True)
-        maps = cache.maps(uniq) if method != "image-masking" else None
-        chunk = _chunk_size(p, d, h * w)
-        task = progress.add_task(f"explaining ({method})", total=nf, unit="filter") if progress is not None else None
-        for c0 in range(0, nf, chunk):
-            fc = filt[c0:c0 + chunk]
-            rows = inv[c0:c0 + chunk].reshape(-1)  # (c*p,) positions in uniq
-            fr = fc.repeat_interleave(p)  # the filter of each (filter, image) row
-            if method == "image-masking":
-                assert masked_inputs is not None
-                z = masked_inputs(uniq[rows], fr)
-            else:
-                m = maps[rows]  # type: ignore[index]
-                if method == "attention":
-                    z = attention_inputs(m, fr)
-                elif method == "original":
-                    z = original_inputs(m, fr)
-                else:
-                    z = activation_mask_inputs(m, fr, cache.threshold)
-            v = g(z)  # (c*p, e) unit vectors
-            sims = v @ vv.T
-            val, idx = sims.topk(s_eff, dim=1)
-            words_idx[c0:c0 + len(fc)] = idx.view(len(fc), p, s_eff)
-            words_sim[c0:c0 + len(fc)] = val.view(len(fc), p, s_eff)
-            if task is not None:
-                progress.advance(task, len(fc))
-    words = rank_words(words_idx, words_sim, len(vocab.words), k, vocab.words)
-    inactive = (cache.threshold[filt] <= 0).tolist()
+        layer_wide = method != "image-masking"
+        comp = torch.arange(d) if layer_wide else filt
+        vecs = _predicted_vectors(g, cache, comp, top_all[comp], method, masked_inputs, progress)
+        e = vecs.shape[2]
+        bg_mask = active[comp]
+        stats = retrieval_stats(vecs[bg_mask].reshape(-1, e), vv, retrieval)
+        idx_c, sim_c = nearest_words(vecs.reshape(-1, e), vv, s_eff, retrieval, stats)
+        idx_c, sim_c = idx_c.view(len(comp), p, s_eff), sim_c.view(len(comp), p, s_eff)
+        pos = filt if layer_wide else torch.arange(nf)
+        words_idx, words_sim = idx_c[pos], sim_c[pos]
+        bg_idx = idx_c[bg_mask]
+    rs = s_eff if rank_s is None else max(1, min(rank_s, s_eff))
+    n_bg = int(bg_idx.shape[0])
+    background = torch.bincount(bg_idx[..., :rs].reshape(-1), minlength=V).float() / max(1, n_bg)  # mean count
+    words, scores, conf = rank_words(words_idx[..., :rs], words_sim[..., :rs], V, k, vocab.words, rank=rank,
+                                     background=background, details=True)
+    inactive = (~active[filt]).tolist()
     return Explanation(method=method, filters=filt.tolist(), top_rows=top, image_words=words_idx,
                        image_scores=words_sim, words=words, inactive=inactive, vocabulary=vocab,
-                       settings={"p": p, "s": s_eff, "k": k})
+                       settings={"p": p, "s": s_eff, "k": k, "retrieval": retrieval, "rank": rank,
+                                 **({"rank_s": rs} if rs != s_eff else {})},
+                       word_scores=scores, confidence=conf, background_filters=n_bg)
 
 
-def rank_words(idx: torch.Tensor, sim: torch.Tensor, V: int, k: int, vocab_words: Sequence[str]
-               ) -> list[list[tuple[str, int, float]]]:
-    """Per filter, words ranked by how many of its images named them, ties by summed similarity."""
+def specificity(counts: torch.Tensor, background: torch.Tensor, prior: float | None = None) -> torch.Tensor:
+    """How specific a word's count is to a filter: ``c · log((c + a) / (m + a))`` (TF-IDF-like).
+
+    ``counts`` ``(F, V)``: images of each filter naming each word; ``background`` ``(V,)``: the word's
+    mean count over the layer's filters.  A word every filter names as often as this one scores
+    about 0; a word named only here scores ``c · log((c + a) / a)``; zero counts score 0.
+    """
+    m = background[None, :].to(counts.dtype)
+    prior = SPECIFICITY_PRIOR if prior is None else prior
+    return counts * torch.log((counts + prior) / (m + prior))
+
+
+def rank_words(idx: torch.Tensor, sim: torch.Tensor, V: int, k: int, vocab_words: Sequence[str], *,
+               rank: str = "count", background: torch.Tensor | None = None, details: bool = False) -> Any:
+    """Per filter, the top ``k`` words with (word, images naming it, summed similarity).
+
+    ``rank="count"``: by how many of its images named them, ties by summed similarity.
+    ``rank="specific"``: by :func:`specificity` against ``background`` (each word's mean count over
+    the layer's filters; default: over the filters given), ties by count then summed similarity.
+    Only words some image named are listed.  With ``details``, also returns per filter the
+    (specificity, background) of each listed word and the filter's confidence.
+    """
+    if rank not in RANKS:
+        raise LaviseError(f"unknown rank {rank!r}; choose from {', '.join(RANKS)}")
     nf, p, s = idx.shape
     counts = torch.zeros(nf, V)
     sums = torch.zeros(nf, V)
     flat = idx.reshape(nf, -1)
     counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
     sums.scatter_add_(1, flat, sim.reshape(nf, -1).float())
-    score = counts + sums / (p * s + 1.0) * (counts > 0)
+    if background is None:
+        background = counts.mean(0)
+    spec = specificity(counts, background)
+    tie = sums / (p * s + 1.0)  # < 1: breaks ties only
+    if rank == "count":
+        score = counts + tie
+    else:
+        # Specificity first; equal scores (same count and background) by summed similarity.
+        score = spec.double() + 1e-7 * (counts.double() + tie.double())
+    score = torch.where(counts > 0, score, torch.full_like(score, float("-inf")))
     kk = min(k, V)
     top = score.topk(kk, dim=1).indices
     cnt = counts.gather(1, top)
     sm = sums.gather(1, top)
-    out = []
-    for row_i, row_c, row_s in zip(top.tolist(), cnt.tolist(), sm.tolist()):
-        out.append([(vocab_words[i], int(c), float(v)) for i, c, v in zip(row_i, row_c, row_s) if c > 0])
-    return out
+    sp = spec.gather(1, top)
+    bg = background[top]
+    out, extra, conf = [], [], []
+    for row_i, row_c, row_s, row_sp, row_bg in zip(top.tolist(), cnt.tolist(), sm.tolist(), sp.tolist(), bg.tolist()):
+        keep = [j for j, c in enumerate(row_c) if c > 0]
+        out.append([(vocab_words[row_i[j]], int(row_c[j]), float(row_s[j])) for j in keep])
+        extra.append([(float(row_sp[j]), float(row_bg[j])) for j in keep])
+        conf.append(filter_confidence(row_c[0] if keep else 0.0, row_bg[0] if keep else 0.0, p))
+    return (out, extra, conf) if details else out
+
+
+def filter_confidence(count: float, background: float, p: int) -> dict[str, float]:
+    """A filter's confidence in its top word, in [0, 1]: ``agreement × specificity``.
+
+    agreement: the share of its ``p`` top images that name the top word; specificity: the share of
+    that count above the word's mean count over the layer's filters, ``max(0, 1 − m / c)``.  A hub
+    word (named as often everywhere) gets about 0 whatever the agreement.
+    """
+    agree = float(count) / p if p else 0.0
+    spec = max(0.0, 1.0 - float(background) / float(count)) if count > 0 else 0.0
+    return {"confidence": round(agree * spec, 4), "agreement": round(agree, 4), "specificity": round(spec, 4)}
+
+
+def diversity(words: Sequence[Sequence[Any]], inactive: Sequence[bool] | None = None, k: int = 5) -> dict[str, Any]:
+    """How different the filters' explanations are, over active filters with words.
+
+    ``distinct_top1``: distinct top-1 words; ``top1_share``: share of filters whose top-1 word is the
+    most common one; ``filters_per_word``: mean number of filters per word of the top-``k`` lists.
+    ``words`` holds per filter its ranked words (strings, or tuples whose first item is the word).
+    """
+    lists = []
+    for j, ws in enumerate(words):
+        if inactive is not None and inactive[j]:
+            continue
+        names = [w if isinstance(w, str) else w[0] for w in ws][:k]
+        if names:
+            lists.append(names)
+    if not lists:
+        return {"distinct_top1": 0, "top1_share": None, "filters_per_word": None, "filters": 0, "most_common": None}
+    top1: dict[str, int] = {}
+    for names in lists:
+        top1[names[0]] = top1.get(names[0], 0) + 1
+    per_word: dict[str, int] = {}
+    for names in lists:
+        for n in set(names):
+            per_word[n] = per_word.get(n, 0) + 1
+    common = max(top1.items(), key=lambda kv: (kv[1], kv[0]))
+    return {"distinct_top1": len(top1), "top1_share": round(common[1] / len(lists), 4),
+            "filters_per_word": round(sum(per_word.values()) / len(per_word), 3), "filters": len(lists),
+            "most_common": common[0]}

@@ -15,7 +15,8 @@ from .data.index import load_index
 from .embeddings import Vocabulary, build_vocabulary, load_embedding
 from .errors import LaviseError
 from .evaluate import ConceptSpace, ground_truth, netdissect_iou, recall_at, vocab_to_concepts
-from .explain import METHODS, Explanation, explain_filters, parse_filters, regions, top_images
+from .defaults import DEFAULT_RANK, DEFAULT_RETRIEVAL, RANKS, RETRIEVALS
+from .explain import METHODS, Explanation, diversity, explain_filters, parse_filters, regions, top_images
 from .explainer import EXPLAINER_FILE, LoadedExplainer, load_explainer
 from .models import TargetModel, capture, forward_to, load_model
 from .runtime import autocast, backbone, backbone_input, resolve_device, resolve_precision
@@ -23,6 +24,8 @@ from .store import Entry, Store, atomic_write_json, stable_digest, temp_sibling
 from .target import TargetCache, TargetSet, folder_target, labelled_target, target_pass
 
 from .defaults import ALL_METHODS  # noqa: E402  (defined there so that the CLI reads it without torch)
+# Words per image behind the diversity figures of `evaluate`: explain's default -s.
+DIVERSITY_S = 5
 
 
 @dataclass
@@ -153,7 +156,8 @@ def image_masking_inputs(session: Session, filters: Sequence[int], p: int, batch
     top = top_images(cache, p)[filt]  # (F, p) exactly as explain_filters picks them
     pair_f = filt.repeat_interleave(top.shape[1])
     pair_r = top.reshape(-1)
-    key = [filt.tolist(), top.tolist(), session.precision]  # the precision of these forwards, too
+    # "cells": the region includes the footprint of the cells at T_u (see explain.regions).
+    key = [filt.tolist(), top.tolist(), session.precision, "cells"]  # the precision of these forwards, too
     path = cache.root / f"image-masking-{stable_digest(key)[:16]}.safetensors"
     if path.exists():
         z = load_file(str(path))["z"].float()
@@ -206,11 +210,23 @@ def image_masking_inputs(session: Session, filters: Sequence[int], p: int, batch
 
 
 def run_explain(session: Session, filters: Sequence[int], method: str, vocab: Vocabulary, *, p: int, s: int, k: int,
-                progress: Any = None, netdissect_words: torch.Tensor | None = None) -> Explanation:
+                progress: Any = None, netdissect_words: torch.Tensor | None = None,
+                retrieval: str = DEFAULT_RETRIEVAL, rank: str = DEFAULT_RANK, rank_s: int | None = None
+                ) -> Explanation:
+    check_word_settings(retrieval, rank)
     masked = image_masking_inputs(session, filters, p, progress=progress) if method == "image-masking" else None
     return explain_filters(session.explainer if method != "netdissect" else None, session.cache, vocab, filters,
-                           method=method, p=p, s=s, k=k, masked_inputs=masked, fixed_words=netdissect_words,
-                           progress=progress)
+                           method=method, p=p, s=s, k=k, retrieval=retrieval, rank=rank, rank_s=rank_s,
+                           masked_inputs=masked,
+                           fixed_words=netdissect_words, progress=progress)
+
+
+def check_word_settings(retrieval: str, rank: str) -> None:
+    """One clear line for an unknown --retrieval or --rank."""
+    if retrieval not in RETRIEVALS:
+        raise LaviseError(f"unknown retrieval {retrieval!r}; choose from {', '.join(RETRIEVALS)}")
+    if rank not in RANKS:
+        raise LaviseError(f"unknown rank {rank!r}; choose from {', '.join(RANKS)}")
 
 
 def netdissect_words(session: Session, filters: Sequence[int], vocab: Vocabulary, s: int, progress: Any = None
@@ -230,15 +246,21 @@ def explanation_doc(session: Session, ex: Explanation) -> dict[str, Any]:
     filters = []
     for j, u in enumerate(ex.filters):
         rows = ex.top_rows[j].tolist()
+        extra = ex.word_scores[j] if ex.word_scores else [(float("nan"), float("nan"))] * len(ex.words[j])
+        conf = ex.confidence[j] if ex.confidence else {}
         filters.append({
             "filter": u,
             "inactive": bool(ex.inactive[j]),
             "threshold": float(session.cache.threshold[u]),
+            # agreement of the top images on the top word x its specificity (explain.filter_confidence)
+            "confidence": conf.get("confidence"),
+            "agreement": conf.get("agreement"),
+            "top_word_specificity": conf.get("specificity"),
             # similarity_sum: the word's cosine similarity summed over the images naming it (so it
             # can exceed 1); "similarity" is the same number under its old name, kept for compatibility.
             "words": [{"word": w, "images": c, "similarity_sum": round(sim, 4), "similarity": round(sim, 4),
-                       "novel": w not in concepts}
-                      for w, c, sim in ex.words[j]],
+                       "novel": w not in concepts, "specificity": round(sp, 4), "layer_mean": round(m, 4)}
+                      for (w, c, sim), (sp, m) in zip(ex.words[j], extra)],
             "top_images": [{"row": r, "path": str(session.target.paths[int(session.cache.rows[r])]),
                             "max_activation": float(session.cache.img_max[r, u]),
                             "words": [vw[i] for i in ex.image_words[j, q].tolist()]} for q, r in enumerate(rows)],
@@ -254,6 +276,8 @@ def explanation_doc(session: Session, ex: Explanation) -> dict[str, Any]:
         "target_images_trained_on": session.overlap,
         "vocabulary": ex.vocabulary.describe(),
         "settings": ex.settings,
+        "background_filters": ex.background_filters,
+        "diversity": diversity(ex.words, ex.inactive),
         "filters": filters,
     }
 
@@ -278,8 +302,17 @@ def evaluate_methods(
     p: int = 25,
     filters: Sequence[int] | None = None,
     progress: Any = None,
+    retrieval: str = DEFAULT_RETRIEVAL,
+    rank: str = DEFAULT_RANK,
+    cells: bool = True,
 ) -> dict[str, Any]:
-    """recall@s of each method over the labelled target set (per method.md)."""
+    """recall@s of each method over the labelled target set (per method.md), with its diversity.
+
+    ``retrieval`` picks each image's words (it changes recall), ``rank`` a filter's words (it
+    changes only the diversity figures); ``cells=False`` scores the plain bilinear regions (before
+    the saturated-region fix, for comparison).
+    """
+    check_word_settings(retrieval, rank)
     if not session.target.labelled:
         raise LaviseError("evaluate needs labels: use a preprocessed dataset as target (not --images DIR)")
     if not has_ground_truth(session.target):
@@ -296,7 +329,7 @@ def evaluate_methods(
     novel_setting = len(trained) < len(session.meta["concepts"])
     seen_mask = torch.tensor([c in trained for c in space.labels], dtype=torch.bool)
     top_rows = top_images(session.cache, p)[torch.as_tensor(filters, dtype=torch.long)]
-    gt = ground_truth(session.target, session.cache, filters, top_rows, session.size, space, progress)
+    gt = ground_truth(session.target, session.cache, filters, top_rows, session.size, space, progress, cells=cells)
     v2c = vocab_to_concepts(vocab, space)
     results: dict[str, Any] = {}
     per_filter: dict[str, Any] = {}
@@ -306,11 +339,17 @@ def evaluate_methods(
             order = [session.meta["concepts"][i] for i in counts.argsort(descending=True, stable=True).tolist()]
             ids = [space.index[c] for c in order if c in space.index][:smax]
             words = torch.tensor(ids, dtype=torch.long)[None, None, :].expand(len(filters), top_rows.shape[1], -1)
+            inactive = (session.cache.threshold[torch.as_tensor(filters, dtype=torch.long)] <= 0).tolist()
+            div = diversity([[space.labels[i] for i in ids]] * len(filters), inactive)
         else:
             nd = netdissect_words(session, filters, vocab, smax, progress)[0] if m == "netdissect" else None
-            ex = run_explain(session, filters, m, vocab, p=p, s=smax, k=smax, progress=progress, netdissect_words=nd)
+            ex = run_explain(session, filters, m, vocab, p=p, s=smax, k=5, progress=progress,
+                             netdissect_words=nd, retrieval=retrieval, rank=rank, rank_s=DIVERSITY_S)
             words = v2c[ex.image_words]
+            div = diversity(ex.words, ex.inactive)
         r = recall_at(words, gt, cuts)
+        r["diversity"] = {key: div[key] for key in ("distinct_top1", "top1_share", "filters_per_word")}
+        r["diversity_detail"] = {"filters": div["filters"], "most_common": div["most_common"]}
         per_filter[m] = r.pop("_per_filter")
         if novel_setting:
             for label, mask in (("seen", seen_mask), ("unseen", ~seen_mask)):
@@ -330,6 +369,9 @@ def evaluate_methods(
         "p": int(top_rows.shape[1]),
         "recall": list(cuts),
         "iou_threshold": 0.04,
+        "retrieval": retrieval,
+        "rank": rank,
+        "region": "bilinear + cells at T" if cells else "bilinear",
         "novel_concepts": novel_setting,
         "methods": results,
         "per_filter": {m: {"filters": filters, **v} for m, v in per_filter.items()},

@@ -2,7 +2,7 @@
 
 Both show a filter's *region* in each of its top images exactly as ``evaluate`` scores it (see
 :func:`lavise_cli.explain.regions`: the filter's map upsampled bilinearly to the model's input
-size, ``>= T_u``, ties counting).  The region is kept as it is, the rest of the image is dimmed
+size, ``>= T_u``, ties counting, with the footprint of the cells at ``T_u``).  The region is kept as it is, the rest of the image is dimmed
 and the region's outline is drawn.  Images are decoded and resized by
 :mod:`lavise_cli.data.images`, like everywhere else in the pipeline, and the top images and words
 come from an ``explanation_doc`` (the same document ``lavise explain --json`` prints), so a
@@ -447,15 +447,19 @@ const cards = Array.from(main.querySelectorAll('.card'));
 const $ = id => document.getElementById(id);
 const store = 'lavise-ratings:' + document.body.dataset.key;
 function recallOf(c) { return c.dataset.recall === '' ? null : parseFloat(c.dataset.recall); }
+function keyOf(c, by) {
+  const v = by.startsWith('confidence') ? c.dataset.confidence : c.dataset.recall;
+  return v === undefined || v === '' ? null : parseFloat(v);
+}
 function apply() {
   const by = $('sort').value, word = $('word').value.trim().toLowerCase(), min = $('minrec').value;
   const sorted = cards.slice().sort((a, b) => {
     if (by !== 'filter') {
-      const ra = recallOf(a), rb = recallOf(b);
+      const ra = keyOf(a, by), rb = keyOf(b, by);
       if (ra !== rb) {
         if (ra === null) return 1;
         if (rb === null) return -1;
-        return by === 'recall' ? rb - ra : ra - rb;
+        return by.endsWith('-asc') ? ra - rb : rb - ra;
       }
     }
     return a.dataset.filter - b.dataset.filter;
@@ -527,6 +531,7 @@ def report_html(doc: dict[str, Any], evaluation: dict[str, Any] | None, thumbs: 
         ("method", method), ("target", f"{doc.get('target')} ({doc.get('target_images')} images)"),
         ("vocabulary", f"{voc.get('source')} ({voc.get('size')} words)"),
         ("words", f"top {st.get('s')} per image over the top {st.get('p')} images; {st.get('k')} shown"),
+        ("word search", f"retrieval {st.get('retrieval', 'cosine')}, ranked by {st.get('rank', 'count')}"),
         ("images shown", f"{n_images} per filter"), ("filters", str(len(doc["filters"]))),
     ]
     if meta:
@@ -567,15 +572,19 @@ def report_html(doc: dict[str, Any], evaluation: dict[str, Any] | None, thumbs: 
             name, area = thumbs[(u, q)]
             tip = f"#{q + 1} {Path(t['path']).name}: {', '.join(t.get('words', []))}"
             if not area:
-                tip += " (no region: no pixel of the upsampled map reaches T)"
+                tip += " (no region: no cell of the map reaches T)"
             imgs.append(f'<img loading="lazy" src="{files_url}/{name}" alt="" title="{e(tip)}">')
         status = ('<span class="inactive">inactive: its top 0.5 % never rises above 0</span>' if f["inactive"]
                   else "")
         rec = f'<span class="rec">{rlabel} {_fmt(r, 2)}</span>' if rkey else ""
+        conf = None if f["inactive"] else f.get("confidence")
+        if conf is not None:
+            rec += f' <span class="rec">confidence {_fmt(conf, 2)}</span>'
         rate = "".join(f'<label><input type="radio" name="r{u}" value="{v}">{v} <small>{e(t)}</small></label>'
                        for v, t in RATING_SCALE)
         cards.append(
             f'<section class="card" id="f{u}" data-filter="{u}" data-recall="{"" if r is None else f"{r:.6g}"}" '
+            f'data-confidence="{"" if conf is None else f"{conf:.6g}"}" '
             f'data-words="{e("|".join(w["word"].lower() for w in f["words"]))}">'
             f'<h2>filter {u} {rec}{status}</h2><p class="words">{words or "<i>no words</i>"}</p>'
             f'<div class="strip">{"".join(imgs)}</div>'
@@ -583,6 +592,8 @@ def report_html(doc: dict[str, Any], evaluation: dict[str, Any] | None, thumbs: 
     key = f"{doc.get('explainer')}:{method}:{doc.get('target')}"
     recall_sort = (f'<option value="recall">{rlabel}, high first</option><option value="recall-asc">{rlabel}, '
                    f'low first</option>') if rkey else ""
+    recall_sort += ('<option value="confidence">confidence, high first</option>'
+                    '<option value="confidence-asc">confidence, low first</option>')
     scale = ", ".join(f"{v} = {t}" for v, t in RATING_SCALE)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
@@ -593,10 +604,11 @@ def report_html(doc: dict[str, Any], evaluation: dict[str, Any] | None, thumbs: 
 <div class="meta"><table class="settings">{srows}</table><div>{recall_html}</div></div>
 <p class="legend">Each image shows the filter's region: its activation map upsampled bilinearly to the
 {e(str(meta.get('preprocess', {}).get('input_size', '')) if meta else '')} px input and kept where it is at
-least the filter's threshold T (the 0.995 quantile of its activations over the target set; ties count), outlined
-in yellow; the rest is dimmed (an image with nothing highlighted: the filter's peak there is an isolated cell,
-which the bilinear upsampling does not keep at T). Words are ranked by how many top images named them (count in
-brackets);
+least the filter's threshold T (the 0.995 quantile of its activations over the target set; ties count), together
+with the cells of the map that reach T themselves, outlined in yellow; the rest is dimmed. Words are ranked
+{"by how specific they are to this filter (their count against their mean count over the layer's filters)"
+ if st.get("rank") == "specific" else "by how many top images named them"} (the count of top images naming
+each in brackets); confidence = the share of top images naming the top word × how specific that word is;
 <span class="novel">word*</span> = novel, not among the explainer's training concepts.</p></header>
 <div class="tools"><label>sort <select id="sort"><option value="filter">filter id</option>{recall_sort}</select></label>
 <label>word <input id="word" type="search" placeholder="contains…"></label>

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from ..errors import LaviseError
-from ..defaults import ALL_METHODS, METHODS
+from ..defaults import ALL_METHODS, DEFAULT_RANK, DEFAULT_RETRIEVAL, METHODS, RANKS, RETRIEVALS
 from .app import app
 from .common import PRECISION_HELP, emit_json, handle_errors, info, lazy, out, progress, state, warn_trained_on
 
@@ -27,6 +27,7 @@ open_session = lazy("pipeline", "open_session")
 run_explain = lazy("pipeline", "run_explain")
 save_result = lazy("pipeline", "save_result")
 vocabulary_for = lazy("pipeline", "vocabulary_for")
+check_word_settings = lazy("pipeline", "check_word_settings")
 
 _EXPLAINER = typer.Option(None, "--explainer", "-e", help="Explainer name (default: the latest trained).")
 _DATASET = typer.Option([], "--dataset", help="Labelled target set(s) (default: the explainer's datasets).")
@@ -38,11 +39,18 @@ _VOCAB_SIZE = typer.Option(None, "--vocab-size", min=1,
 _DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N, mps.")
 _BATCH = typer.Option(32, "--batch-size", min=1, help="Images per batch in the target pass.")
 # What `explain --csv` prints, in order (its --help lists the same): similarity_sum is the word's
-# cosine similarity summed over the images naming it, so it can exceed 1.
-CSV_COLUMNS = ("filter", "rank", "word", "images", "similarity_sum", "novel", "inactive")
+# cosine similarity summed over the images naming it, so it can exceed 1; specificity and layer_mean
+# the word's (docs/method.md), confidence the filter's.
+CSV_COLUMNS = ("filter", "rank", "word", "images", "similarity_sum", "novel", "inactive", "specificity", "layer_mean",
+               "confidence")
 _PRECISION = typer.Option("auto", "--precision", help=PRECISION_HELP)
 _MODEL = typer.Option(None, "--model", help="Check that the explainer was trained for this model.")
 _LAYER = typer.Option(None, "--layer", help="Check that the explainer was trained for this layer.")
+_RETRIEVAL = typer.Option(DEFAULT_RETRIEVAL, "--retrieval",
+                          help=f"Nearest-word search per image: {', '.join(RETRIEVALS)} (csls, centred and "
+                               "inverted-softmax correct hub words; see docs/method.md).")
+_RANK = typer.Option(DEFAULT_RANK, "--rank", help=f"Order of a filter's words: {' or '.join(RANKS)} (specific: "
+                     "against the word's mean count over the layer's filters; the count stays shown).")
 
 
 @app.command()
@@ -65,6 +73,8 @@ def explain(
     device: str = _DEVICE,
     batch_size: int = _BATCH,
     precision: str = _PRECISION,
+    retrieval: str = _RETRIEVAL,
+    rank: str = _RANK,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     csv_out: bool = typer.Option(False, "--csv", help=f"CSV on stdout, one row per word: {', '.join(CSV_COLUMNS)}."),
 ) -> None:
@@ -86,6 +96,7 @@ def explain(
         raise LaviseError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if min(words_per_image, images_per_filter, top) < 1:
         raise LaviseError("-s, -p and -k must be at least 1")
+    check_word_settings(retrieval, rank)
     # Check the filters against the explainer before the (possibly long) target pass.
     parse_filters(filters, int(open_explainer(state.store, explainer)[1].meta["d"]), all_filters)
     with progress() as prog:
@@ -100,7 +111,7 @@ def explain(
                 raise LaviseError("netdissect needs a labelled target set (a preprocessed dataset), not --image-dir")
             nd, voc = netdissect_words(ses, chosen, voc, words_per_image, prog)
         ex = run_explain(ses, chosen, method, voc, p=images_per_filter, s=words_per_image, k=top, progress=prog,
-                         netdissect_words=nd)
+                         netdissect_words=nd, retrieval=retrieval, rank=rank)
     doc = explanation_doc(ses, ex)
     path = save_result(ses, f"explain-{method}", doc, {"target": ses.target.key, "vocab": voc.describe(),
                                                         "filters": chosen, **ex.settings, "precision": ses.precision})
@@ -115,20 +126,23 @@ def explain(
         for f in doc["filters"]:
             for r, w in enumerate(f["words"], 1):
                 wr.writerow([f["filter"], r, w["word"], w["images"], w["similarity_sum"], int(w["novel"]),
-                             int(f["inactive"])])
+                             int(f["inactive"]), w["specificity"], w["layer_mean"], f["confidence"]])
         sys.stdout.write(buf.getvalue())
         return
     t = Table(title=f"{ses.entry.name} · {method} · {ses.target.description} ({ses.cache.n} images) · "
                     f"vocabulary {voc.source} ({len(voc.words)})")
     t.add_column("filter", justify="right")
     t.add_column(f"words (images of {ex.settings['p']} naming each; [magenta]*[/] novel)")
+    t.add_column("conf.", justify="right")
     for f in doc["filters"]:
         if f["inactive"]:
-            t.add_row(str(f["filter"]), "[dim]inactive (its top 0.5 % never rises above 0)[/]")
+            t.add_row(str(f["filter"]), "[dim]inactive (its top 0.5 % never rises above 0)[/]", "")
             continue
         words = ", ".join(f"{'[magenta]' + w['word'] + '*[/]' if w['novel'] else w['word']} ({w['images']})"
                           for w in f["words"])
-        t.add_row(str(f["filter"]), words)
+        t.add_row(str(f["filter"]), words, "-" if f["confidence"] is None else f"{f['confidence']:.2f}")
+    t.caption = (f"words by {'specificity to the filter' if rank == 'specific' else 'count'}, retrieval {retrieval}; "
+                 "conf. = share of top images naming the top word x its specificity")
     out.print(t)
     info(f"saved {path}")
 
@@ -150,6 +164,8 @@ def evaluate(
     device: str = _DEVICE,
     batch_size: int = _BATCH,
     precision: str = _PRECISION,
+    retrieval: str = _RETRIEVAL,
+    rank: str = _RANK,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     image_dir: Optional[Path] = typer.Option(None, "--image-dir", hidden=True),
 ) -> None:
@@ -176,6 +192,7 @@ def evaluate(
     for m in chosen_methods:
         if m not in ALL_METHODS:
             raise LaviseError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)} or all")
+    check_word_settings(retrieval, rank)
     parse_filters(filters, int(open_explainer(state.store, explainer)[1].meta["d"]), filters is None)
     with progress() as prog:
         ses = open_session(state.store, explainer, datasets=dataset, split=split, model=model, layer=layer,
@@ -185,11 +202,13 @@ def evaluate(
             raise LaviseError("evaluate needs a labelled target set (a preprocessed dataset)")
         chosen = parse_filters(filters, ses.cache.shape[0], filters is None)
         voc = vocabulary_for(ses, vocab, vocab_size)
-        res = evaluate_methods(ses, chosen_methods, voc, cuts=cuts, p=images_per_filter, filters=chosen, progress=prog)
+        res = evaluate_methods(ses, chosen_methods, voc, cuts=cuts, p=images_per_filter, filters=chosen, progress=prog,
+                               retrieval=retrieval, rank=rank)
     res = nan_to_none(res)
     path = save_result(ses, "evaluate", res, {"target": ses.target.key, "vocab": voc.describe(), "methods": chosen_methods,
                                               "filters": chosen, "p": images_per_filter, "cuts": cuts,
-                                              "precision": ses.precision})
+                                              "precision": ses.precision, "retrieval": retrieval, "rank": rank,
+                                              "region": res["region"]})
     res["saved"] = str(path)
     if json_out:
         emit_json({k: v for k, v in res.items() if k != "per_filter"} | {"per_filter_saved": str(path)})
@@ -200,7 +219,14 @@ def evaluate(
     for s in cuts:
         t.add_column(f"R@{s}", justify="right", no_wrap=True)
     t.add_column("filters/pairs/skipped", justify="right", no_wrap=True)
-    t.caption = "R@s cells: mean over (filter, image) pairs / mean over filters"
+    t.caption = f"R@s cells: mean over (filter, image) pairs / mean over filters · retrieval {retrieval}"
+    # Diversity in a table of its own, so that the recall table keeps its width.
+    dt = Table(title=f"diversity of the filters' words (ranked by {rank})")
+    dt.add_column("method", no_wrap=True)
+    for name in ("distinct top-1", "top-1 share (word)", "filters/word"):
+        dt.add_column(name, justify="right", no_wrap=True)
+    dt.caption = ("over active filters: distinct top-1 words, share of filters whose top-1 word is the most "
+                  "common one, mean filters per top-5 word")
 
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}"
@@ -216,5 +242,13 @@ def evaluate(
         for s in cuts:
             cells.append(f"{fmt(r[f'recall@{s}']['pair_mean'])}/{fmt(r[f'recall@{s}']['filter_mean'])}")
         t.add_row(m, *cells, f"{r['filters']}/{r['pairs']}/{r['skipped']}")
+    for m, r in res["methods"].items():
+        dv = r.get("diversity")
+        if dv is not None:
+            common = (r.get("diversity_detail") or {}).get("most_common")
+            share = fmt(dv["top1_share"]) + (f" ({common})" if common else "")
+            dt.add_row(m, str(dv["distinct_top1"]), share,
+                       "-" if dv["filters_per_word"] is None else f"{dv['filters_per_word']:.1f}")
     out.print(t)
+    out.print(dt)
     info(f"pairs with no ground-truth concept (IoU > 0.04) are skipped; saved {path}")

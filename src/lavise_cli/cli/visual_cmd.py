@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import LaviseError
-from ..defaults import METHODS
+from ..defaults import DEFAULT_RANK, DEFAULT_RETRIEVAL, METHODS
 from ..store import stable_digest
 from .app import app
 from .common import emit_json, handle_errors, info, lazy, out, progress, state, warn_trained_on
@@ -20,6 +20,8 @@ from .explain_cmd import (  # shared options, and the library's functions (impor
     _DEVICE,
     _EXPLAINER,
     _PRECISION,
+    _RANK,
+    _RETRIEVAL,
     _SPLIT,
     _VOCAB,
     _VOCAB_SIZE,
@@ -43,6 +45,8 @@ build_report = lazy("visualize", "build_report")
 files_dir_for = lazy("visualize", "files_dir_for")
 heatmap_paths = lazy("visualize", "heatmap_paths")
 
+check_word_settings = lazy("pipeline", "check_word_settings")
+
 _METHOD = typer.Option("attention", "--method", "-m", help=f"One of: {', '.join(METHODS)}.")
 _P = typer.Option(25, "--explain-images", "-p",
                   help="Top images the words are gathered over (explain's -p); the pictures show the first of them.")
@@ -53,13 +57,15 @@ _IMAGE_DIR = typer.Option(None, "--image-dir", help="Use a folder of plain image
 
 def _explain(explainer: Optional[str], filters: Optional[str], all_filters: bool, method: str, p: int, s: int, k: int,
              dataset: List[str], split: Optional[str], image_dir: Optional[Path], vocab: str, vocab_size: Optional[int],
-             device: str, batch_size: int, prog: Any, precision: str = "auto"
+             device: str, batch_size: int, prog: Any, precision: str = "auto",
+             retrieval: str = DEFAULT_RETRIEVAL, rank: str = DEFAULT_RANK
              ) -> tuple[Session, dict[str, Any], dict[str, Any], list[int]]:
     """Exactly what `lavise explain` does for the same settings: session, explanation doc, result key."""
     if method not in METHODS:
         raise LaviseError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if min(p, s, k) < 1:
         raise LaviseError("-p, -s and -k must be at least 1")
+    check_word_settings(retrieval, rank)
     # Check the filters against the explainer before the (possibly long) target pass.
     _, ex = open_explainer(state.store, explainer)
     parse_filters(filters, int(ex.meta["d"]), all_filters)
@@ -73,7 +79,8 @@ def _explain(explainer: Optional[str], filters: Optional[str], all_filters: bool
         if not ses.target.labelled:
             raise LaviseError("netdissect needs a labelled target set (a preprocessed dataset), not --image-dir")
         nd, voc = netdissect_words(ses, chosen, voc, s, prog)
-    ex_ = run_explain(ses, chosen, method, voc, p=p, s=s, k=k, progress=prog, netdissect_words=nd)
+    ex_ = run_explain(ses, chosen, method, voc, p=p, s=s, k=k, progress=prog, netdissect_words=nd, retrieval=retrieval,
+                      rank=rank)
     doc = explanation_doc(ses, ex_)
     key = {"target": ses.target.key, "vocab": voc.describe(), "filters": chosen, **ex_.settings,
            "precision": ses.precision}
@@ -103,6 +110,8 @@ def heatmap(
     device: str = _DEVICE,
     batch_size: int = _BATCH,
     precision: str = _PRECISION,
+    retrieval: str = _RETRIEVAL,
+    rank: str = _RANK,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout: PNG paths with the words."),
 ) -> None:
     """Draw each filter's top images with its region highlighted, under the filter's words (one PNG each).
@@ -134,7 +143,7 @@ def heatmap(
     with progress() as prog:
         ses, doc, key, _ = _explain(explainer, filters, all_filters, method, max(explain_images, images),
                                     words_per_image, top, dataset, split, image_dir, vocab, vocab_size, device,
-                                    batch_size, prog, precision)
+                                    batch_size, prog, precision, retrieval, rank)
         folder = Path(out_dir).expanduser() if out_dir is not None else \
             ses.results_dir() / "heatmaps" / f"{method}-{stable_digest(key)[:12]}"
         paths = heatmap_paths(ses, doc, folder, images, cols=columns, progress=prog)
@@ -144,7 +153,7 @@ def heatmap(
             "precision": doc["precision"],
             "target": doc["target"], "explanation": doc["saved"], "folder": str(folder.resolve()),
             "heatmaps": [{"filter": f["filter"], "png": str(pth.resolve()), "inactive": f["inactive"],
-                          "words": f["words"],
+                          "words": f["words"], "confidence": f["confidence"],
                           "images": [t["path"] for t in f["top_images"][:images]]}
                          for f, pth in zip(doc["filters"], paths)],
         })
@@ -177,6 +186,8 @@ def report(
     device: str = _DEVICE,
     batch_size: int = _BATCH,
     precision: str = _PRECISION,
+    retrieval: str = _RETRIEVAL,
+    rank: str = _RANK,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
     """One static HTML page for a whole layer: every filter's words beside its highlighted images.
@@ -206,12 +217,12 @@ def report(
     with progress() as prog:
         ses, doc, key, chosen = _explain(explainer, filters, filters is None, method, max(explain_images, images),
                                          words_per_image, top, dataset, split, image_dir, vocab, vocab_size, device,
-                                         batch_size, prog, precision)
+                                         batch_size, prog, precision, retrieval, rank)
         evaluation = None
         if evaluate and ses.target.labelled and has_ground_truth(ses.target):
             voc = vocabulary_for(ses, vocab, vocab_size)
             evaluation = nan_to_none(evaluate_methods(ses, [method], voc, cuts=(5, 10, 20), p=doc["settings"]["p"],
-                                                      filters=chosen, progress=prog))
+                                                      filters=chosen, progress=prog, retrieval=retrieval, rank=rank))
         elif evaluate:
             info("the target set has no labels: the report has no recall (use an annotated, preprocessed dataset)")
         page = Path(out_file).expanduser() if out_file is not None else \
