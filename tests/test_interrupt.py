@@ -348,12 +348,12 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path: Path, make_coco: Any, small_gl
 _SIGTERM_POOL = """
 import os, sys, time
 from lavise_cli.cli.common import Terminated, handle_sigterm
-from lavise_cli.data.index import _pool_map
+from lavise_cli.data.pool import pool_map
 
 if __name__ == "__main__":
     handle_sigterm()
     try:
-        _pool_map(time.sleep, [(0.5,)] * 400, 2, None, "sleeping")  # 100 s of work
+        pool_map(time.sleep, [(0.5,)] * 400, 2, None, "sleeping")  # 100 s of work
     except Terminated:
         print("terminated", flush=True)
         sys.exit(143)

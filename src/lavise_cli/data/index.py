@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,10 +22,8 @@ from pycocotools import mask as mask_utils
 
 from ..embeddings import Embedding, clean_label, load_embedding
 from ..errors import DataError, LaviseError
-from ..procs import die_with_parent
 from ..store import Entry, FileDigests, Store, stable_digest
 from .formats import get_format
-from .images import probe_image
 from .validate import check_coco
 
 INDEX_VERSION = 2
@@ -182,68 +179,6 @@ def dataset_inputs(store: Store, manifest: dict[str, Any]) -> dict[str, Any]:
 # -- building -----------------------------------------------------------------------------
 
 
-def _probe(path: str) -> tuple[str, str | None, int, int]:
-    """(status, mode, h, w) for one image file, in a worker process."""
-    try:
-        mode, h, w = probe_image(path)
-        return "ok", mode, h, w
-    except DataError as e:
-        return ("missing" if "does not exist" in str(e) else "corrupt"), None, 0, 0
-
-
-def _panoptic_masks(png: str, segments: list[tuple[int, int]]) -> tuple[str, list[tuple[int, str]], int, int]:
-    """Category masks (cat_id, RLE counts) of one panoptic PNG (segment id = R + 256 G + 256^2 B)."""
-    from PIL import Image
-
-    try:
-        with Image.open(png) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint32)
-    except FileNotFoundError:
-        return "missing mask", [], 0, 0
-    except Exception:
-        return "corrupt mask", [], 0, 0
-    ids = arr[..., 0] + 256 * arr[..., 1] + 65536 * arr[..., 2]
-    h, w = ids.shape
-    by_cat: dict[int, list[int]] = defaultdict(list)
-    for seg_id, cat in segments:
-        by_cat[cat].append(seg_id)
-    out = []
-    for cat, segs in sorted(by_cat.items()):
-        m = np.isin(ids, segs)
-        if not m.any():
-            out.append((cat, ""))
-            continue
-        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-        out.append((cat, rle["counts"].decode()))
-    return "ok", out, h, w
-
-
-def _pool_map(fn: Any, args: Sequence[tuple[Any, ...]], workers: int, progress: Any, desc: str) -> list[Any]:
-    task = progress.add_task(desc, total=len(args), unit="img") if progress is not None else None
-    results: list[Any] = []
-    if workers <= 1 or len(args) < 64:
-        for a in args:
-            results.append(fn(*a))
-            if task is not None:
-                progress.advance(task)
-        return results
-    # Workers die with this process (even on `kill -9`); on Ctrl-C or SIGTERM they are ended at once.
-    ex = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
-    try:
-        for r in ex.map(fn, *zip(*args), chunksize=16):
-            results.append(r)
-            if task is not None:
-                progress.advance(task)
-    except BaseException:
-        procs = list((getattr(ex, "_processes", None) or {}).values())
-        ex.shutdown(wait=False, cancel_futures=True)
-        for p in procs:
-            p.kill()
-        raise
-    ex.shutdown()
-    return results
-
-
 def held_out_images(n: int, fraction: float, seed: int) -> list[int]:
     """A seeded choice (without replacement) of ``round(fraction * n)`` of ``n`` images, sorted;
     at least one image is held out and one kept whenever there are two or more."""
@@ -265,147 +200,6 @@ def seen_split(mapped: Sequence[bool], fraction: float, seed: int) -> list[bool]
     seen = np.zeros(len(mapped), dtype=bool)
     seen[perm[:n_seen]] = True
     return seen.tolist()
-
-
-def _build_instances_split(
-    ann_file: Path, image_dir: Path, workers: int, progress: Any
-) -> tuple[dict[str, Any], dict[int, str]]:
-    """One split of a COCO instances file -> (split dict keyed by category id, category names)."""
-    from pycocotools.coco import COCO
-
-    import contextlib
-    import io
-
-    try:
-        doc = json.loads(ann_file.read_text())
-    except (OSError, UnicodeError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read annotations {ann_file}: {e}") from None
-    check_coco(doc, ann_file)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = doc
-        coco.createIndex()
-    cats = {int(c["id"]): str(c["name"]) for c in coco.dataset.get("categories", [])}
-    dropped: Counter[str] = Counter()
-    img_ids = sorted(coco.imgs)
-    known = set(img_ids)
-    per_img: dict[int, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for ann in coco.dataset.get("annotations", []):
-        if ann.get("image_id") not in known:
-            dropped["annotations with unknown image"] += 1
-            continue
-        if ann.get("category_id") not in cats:
-            dropped["annotations with unknown category"] += 1
-            continue
-        per_img[ann["image_id"]][ann["category_id"]].append(ann)
-    probes = _pool_map(_probe, [(str(image_dir / coco.imgs[i]["file_name"]),) for i in img_ids], workers, progress,
-                       f"checking {ann_file.stem} images")
-    images, pi, pc, rles = [], [], [], []
-    gone: list[tuple[str, str]] = []  # (image file, reason) of every dropped image, for dropped.txt
-    for iid, (status, mode, h, w) in zip(img_ids, probes):
-        info = coco.imgs[iid]
-        if status != "ok":
-            dropped[f"images {status}"] += 1
-            gone.append((str(image_dir / info["file_name"]), f"image {status}"))
-            continue
-        if (h, w) != (info["height"], info["width"]):
-            dropped["images whose size differs from the annotation"] += 1
-            gone.append((str(image_dir / info["file_name"]),
-                         f"image is {w}x{h}, the annotation says {info['width']}x{info['height']}"))
-            continue
-        if mode != "RGB":
-            dropped[f"images converted from {mode} (kept)"] += 1
-        k = len(images)
-        images.append({"id": iid, "file": info["file_name"], "height": h, "width": w})
-        for cat in sorted(per_img.get(iid, {})):
-            parts = []
-            for ann in per_img[iid][cat]:
-                try:
-                    r = coco.annToRLE(ann)
-                    # an RLE of another size than its image, or counts that do not decode, is malformed
-                    if list(r.get("size", [])) != [h, w]:
-                        raise ValueError("RLE size differs from the image")
-                    mask_utils.area(r)
-                    parts.append(r)
-                except Exception:
-                    dropped["annotations with a malformed segmentation"] += 1
-            if not parts:
-                continue
-            try:
-                rle = mask_utils.merge(parts, intersect=False) if len(parts) > 1 else parts[0]
-                area = int(mask_utils.area(rle))
-            except Exception:
-                dropped["annotations with a malformed segmentation"] += len(parts)
-                continue
-            if area == 0:
-                dropped["empty masks"] += 1
-                continue
-            counts = rle["counts"]
-            pi.append(k)
-            pc.append(cat)
-            rles.append(counts.decode() if isinstance(counts, bytes) else counts)
-    return {"images": images, "pair_image": pi, "pair_cat": pc, "rle": rles, "dropped": dict(dropped),
-            "dropped_images": gone}, cats
-
-
-def _build_panoptic_split(
-    ann_file: Path, image_dir: Path, mask_dir: Path, workers: int, progress: Any
-) -> tuple[dict[str, Any], dict[int, str]]:
-    try:
-        d = json.loads(ann_file.read_text())
-    except (OSError, UnicodeError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read panoptic annotations {ann_file}: {e}") from None
-    check_coco(d, ann_file, panoptic=True)
-    cats = {int(c["id"]): str(c["name"]) for c in d.get("categories", [])}
-    imgs = {int(i["id"]): i for i in d.get("images", [])}
-    dropped: Counter[str] = Counter()
-    jobs, order = [], []
-    for ann in sorted(d.get("annotations", []), key=lambda a: a.get("image_id", -1)):
-        iid = ann.get("image_id")
-        if iid not in imgs:
-            dropped["annotations with unknown image"] += 1
-            continue
-        segs = []
-        for s in ann.get("segments_info", []):
-            if s.get("category_id") not in cats:
-                dropped["segments with unknown category"] += 1
-                continue
-            segs.append((int(s["id"]), int(s["category_id"])))
-        jobs.append((str(mask_dir / ann["file_name"]), segs))
-        order.append(iid)
-    masks = _pool_map(_panoptic_masks, jobs, workers, progress, f"reading {ann_file.stem} masks")
-    probes = _pool_map(_probe, [(str(image_dir / imgs[i]["file_name"]),) for i in order], workers, progress,
-                       f"checking {ann_file.stem} images")
-    images, pi, pc, rles = [], [], [], []
-    gone: list[tuple[str, str]] = []  # (image file, reason) of every dropped image, for dropped.txt
-    for iid, (mstatus, cat_rles, mh, mw), (status, mode, h, w) in zip(order, masks, probes):
-        info = imgs[iid]
-        if status != "ok":
-            dropped[f"images {status}"] += 1
-            gone.append((str(image_dir / info["file_name"]), f"image {status}"))
-            continue
-        if mstatus != "ok":
-            dropped[f"images with a {mstatus}"] += 1
-            gone.append((str(image_dir / info["file_name"]), f"image with a {mstatus}"))
-            continue
-        if (h, w) != (info["height"], info["width"]) or (mh, mw) != (h, w):
-            dropped["images whose size differs from the annotation"] += 1
-            gone.append((str(image_dir / info["file_name"]), f"image is {w}x{h}, its mask {mw}x{mh}, "
-                         f"the annotation says {info['width']}x{info['height']}"))
-            continue
-        if mode != "RGB":
-            dropped[f"images converted from {mode} (kept)"] += 1
-        k = len(images)
-        images.append({"id": iid, "file": info["file_name"], "height": h, "width": w})
-        for cat, counts in cat_rles:
-            if not counts:
-                dropped["empty masks"] += 1
-                continue
-            pi.append(k)
-            pc.append(cat)
-            rles.append(counts)
-    return {"images": images, "pair_image": pi, "pair_cat": pc, "rle": rles, "dropped": dict(dropped),
-            "dropped_images": gone}, cats
 
 
 def preprocess(

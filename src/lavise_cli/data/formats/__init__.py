@@ -3,12 +3,18 @@
 A format is a function ``build(settings, options, workers, progress) -> Built`` registered under
 the name that ``lavise download``/``register_*`` writes into the dataset's manifest
 (``settings["format"]``).  ``preprocess`` looks the format up here and does the rest (concepts,
-word vectors, the seen/unseen split, the index files) the same way for every format.
+word vectors, the seen/unseen split, the index files) the same way for every format.  Every
+format decides which images it keeps with :func:`accept_images` (missing, corrupt, or of another
+size than annotated: dropped and named in ``dropped.txt``; not RGB: converted and counted).
+
+The formats: ``coco`` (COCO instances, :mod:`.coco`), ``coco-panoptic`` (:mod:`.panoptic`) and
+``vg`` (Visual Genome, :mod:`.vg`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +40,52 @@ class Built:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Candidate:
+    """An image a format would keep: ``path`` (probed, and named in ``dropped.txt`` when dropped),
+    ``size`` the ``(height, width)`` its annotation says (None: not checked), ``problem`` a
+    format's own reason to drop it (e.g. ``"missing mask"``), ``mask_size`` the ``(height, width)``
+    of the format's own mask file, which must equal the image's."""
+
+    path: str
+    size: tuple[Any, Any] | None = None
+    problem: str | None = None
+    mask_size: tuple[int, int] | None = None
+
+
+def accept_images(candidates: Sequence[Candidate], workers: int, progress: Any, desc: str,
+                  dropped: Counter[str], gone: list[tuple[str, str]]) -> list[tuple[int, int] | None]:
+    """Probe every candidate image (in ``workers`` processes) and decide which are kept.
+
+    Returns, per candidate, its ``(height, width)`` when kept, else None.  Each dropped image is
+    counted in ``dropped`` (``images missing``/``images corrupt``/``images with a PROBLEM``/
+    ``images whose size differs from the annotation``) and appended to ``gone`` as
+    ``(path, reason)``; a kept image that is not RGB is counted as ``images converted from MODE (kept)``.
+    """
+    from ..pool import pool_map, probe
+
+    probes = pool_map(probe, [(c.path,) for c in candidates], workers, progress, desc)
+    out: list[tuple[int, int] | None] = []
+    for c, (status, mode, h, w) in zip(candidates, probes):
+        out.append(None)
+        if status != "ok":
+            dropped[f"images {status}"] += 1
+            gone.append((c.path, f"image {status}"))
+        elif c.problem is not None:
+            dropped[f"images with a {c.problem}"] += 1
+            gone.append((c.path, f"image with a {c.problem}"))
+        elif (c.size is not None and (h, w) != tuple(c.size)) or (c.mask_size is not None and c.mask_size != (h, w)):
+            dropped["images whose size differs from the annotation"] += 1
+            said = c.size if c.size is not None else (None, None)
+            mask = f", its mask {c.mask_size[1]}x{c.mask_size[0]}" if c.mask_size is not None else ""
+            gone.append((c.path, f"image is {w}x{h}{mask}, the annotation says {said[1]}x{said[0]}"))
+        else:
+            if mode != "RGB":
+                dropped[f"images converted from {mode} (kept)"] += 1
+            out[-1] = (h, w)
+    return out
+
+
 Builder = Callable[..., Built]
 _FORMATS: dict[str, Callable[[], Builder]] = {}
 
@@ -57,7 +109,7 @@ def _coco() -> Builder:
 
 
 def _coco_panoptic() -> Builder:
-    from .coco import build_panoptic
+    from .panoptic import build_panoptic
 
     return build_panoptic
 

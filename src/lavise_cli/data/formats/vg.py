@@ -19,7 +19,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ...errors import DataError
-from . import Built
+from ..pool import pool_map
+from . import Built, Candidate, accept_images
 
 MIN_IMAGES = 100  # the paper's threshold on concept frequency
 VAL_FRACTION = 0.1
@@ -121,7 +122,7 @@ def _image_file(root: Path, dirs: list[Path], iid: int, meta: dict[str, Any] | N
 
 
 def build_vg(settings: dict[str, Any], options: dict[str, Any], workers: int, progress: Any) -> Built:
-    from ..index import _pool_map, _probe, held_out_images
+    from ..index import held_out_images
 
     min_images = int(options.get("min_images", MIN_IMAGES))
     val_fraction = float(options.get("val_fraction", VAL_FRACTION))
@@ -166,22 +167,13 @@ def build_vg(settings: dict[str, Any], options: dict[str, Any], workers: int, pr
     ids = sorted(iid for iid, per in boxes_of.items() if per)
     dropped["images with no object that has a synset"] += len(boxes_of) - len(ids)
     files = [_image_file(root, dirs, iid, image_meta.get(iid)) for iid in ids]
-    probes = _pool_map(_probe, [(str(root / f),) for f in files], workers, progress, "checking Visual Genome images")
-    kept: list[tuple[int, str, int, int]] = []
     gone: list[tuple[str, str]] = []  # (image file, reason) of every dropped image, for dropped.txt
-    for iid, f, (status, mode, h, w) in zip(ids, files, probes):
+    candidates = []
+    for iid, f in zip(ids, files):
         meta = image_meta.get(iid)
-        if status != "ok":
-            dropped[f"images {status}"] += 1
-            gone.append((str(root / f), f"image {status}"))
-            continue
-        if meta is not None and (h, w) != (meta.get("height"), meta.get("width")):
-            dropped["images whose size differs from the annotation"] += 1
-            gone.append((str(root / f), f"image is {w}x{h}, the annotation says {meta.get('width')}x{meta.get('height')}"))
-            continue
-        if mode != "RGB":
-            dropped[f"images converted from {mode} (kept)"] += 1
-        kept.append((iid, f, h, w))
+        candidates.append(Candidate(str(root / f), None if meta is None else (meta.get("height"), meta.get("width"))))
+    sizes = accept_images(candidates, workers, progress, "checking Visual Genome images", dropped, gone)
+    kept = [(iid, f, *size) for iid, f, size in zip(ids, files, sizes) if size is not None]
 
     # A seeded image split, then concepts seen in too few training images are left out.
     val = np.zeros(len(kept), dtype=bool)
@@ -200,7 +192,7 @@ def build_vg(settings: dict[str, Any], options: dict[str, Any], workers: int, pr
         concepts = [(cat_of[s], b) for s, b in sorted(boxes_of[iid].items()) if s in cat_of]
         jobs.append((h, w, concepts))
         owners.append(k)
-    masks = _pool_map(_box_masks, jobs, workers, progress, "drawing Visual Genome box masks")
+    masks = pool_map(_box_masks, jobs, workers, progress, "drawing Visual Genome box masks")
     splits = {name: {"images": [], "pair_image": [], "pair_cat": [], "rle": [], "dropped": Counter()}
               for name in ("train", "val")}
     for k, cat_rles in zip(owners, masks):
