@@ -1,6 +1,9 @@
 """Helpers shared by the benchmark scripts: a synthetic COCO-like dataset in a temporary store,
 pre-decoded input batches, timing and plain-text tables.
 
+The synthetic data (random shapes over photo-like backgrounds, GloVe files) is written by
+:mod:`lavise_cli.testing`, the same helper the test suite uses.
+
 Nothing here is timed itself.  Everything goes through lavise's public functions
 (``register_coco``, ``register_embedding``, ``preprocess``, ``load_index``), so the benchmarks
 exercise the same code paths as ``lavise download coco --from DIR`` + ``lavise preprocess``.
@@ -9,7 +12,6 @@ exercise the same code paths as ``lavise download coco --from DIR`` + ``lavise p
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -20,16 +22,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
 
 from lavise_cli.data.images import View, apply_view_image, normalize, read_rgb
 from lavise_cli.data.index import DatasetIndex, load_index, preprocess
 from lavise_cli.data.register import register_coco
-from lavise_cli.embeddings import register_embedding, visual_nouns
+from lavise_cli.embeddings import register_embedding
 from lavise_cli.store import Store
+from lavise_cli.testing import concept_names, embedding_words, write_coco_split, write_glove
 
 EMBEDDING_DIM = 300
 
@@ -51,98 +51,6 @@ def temp_store(keep: bool = False) -> Iterator[tuple[Path, Store]]:
 
 
 # -- a synthetic COCO-like dataset --------------------------------------------------------------
-
-
-def concept_names(n: int) -> list[str]:
-    """``n`` single-word concept names: the most frequent of lavise's visual nouns."""
-    words = [w for w in visual_nouns() if w.isalpha()]
-    if n > len(words):
-        raise ValueError(f"at most {len(words)} concept names available")
-    return words[:n]
-
-
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """A smooth colour field plus mild noise: JPEG sizes close to real photos."""
-    coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-    base = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
-    noise = rng.integers(-12, 13, size=(height, width, 3), dtype=np.int16)
-    return np.clip(base + noise, 0, 255).astype(np.uint8)
-
-
-def _draw_shape(rng: np.random.Generator, width: int, height: int) -> tuple[str, list]:
-    kind = str(rng.choice(["ellipse", "rectangle", "polygon"]))
-    if kind == "polygon":
-        cx, cy = rng.uniform(0.15, 0.85) * width, rng.uniform(0.15, 0.85) * height
-        r = rng.uniform(0.08, 0.3) * min(width, height)
-        k = int(rng.integers(3, 8))
-        ang = np.sort(rng.uniform(0, 2 * np.pi, k))
-        rad = r * rng.uniform(0.5, 1.0, k)
-        return kind, [(float(cx + a * np.cos(t)), float(cy + a * np.sin(t))) for a, t in zip(rad, ang)]
-    w, h = rng.uniform(0.1, 0.5) * width, rng.uniform(0.1, 0.5) * height
-    x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-    return kind, [float(x0), float(y0), float(x0 + w), float(y0 + h)]
-
-
-def write_coco_split(root: Path, split: str, n_images: int, width: int, height: int, categories: Sequence[str],
-                     masks_per_image: int = 3, seed: int = 0, id_offset: int = 0) -> dict[str, int]:
-    """``root/{split}2017/*.jpg`` and ``root/annotations/instances_{split}2017.json``.
-
-    Each image holds ``masks_per_image`` +- 1 random shapes (ellipses, rectangles, polygons) of
-    distinct categories, painted in their own colour; each shape's mask is a compressed COCO RLE.
-    """
-    rng = np.random.default_rng(seed)
-    img_dir = root / f"{split}2017"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    cats = [{"id": i + 1, "name": c, "supercategory": "thing"} for i, c in enumerate(categories)]
-    colours = rng.integers(0, 256, size=(len(categories), 3))
-    images, anns = [], []
-    for k in range(n_images):
-        iid = id_offset + k + 1
-        fname = f"{iid:012d}.jpg"
-        canvas = Image.fromarray(_background(rng, width, height))
-        draw = ImageDraw.Draw(canvas)
-        n_obj = int(np.clip(masks_per_image + rng.integers(-1, 2), 1, len(categories)))
-        for c in rng.choice(len(categories), size=n_obj, replace=False):
-            kind, geom = _draw_shape(rng, width, height)
-            m = Image.new("L", (width, height), 0)
-            mdraw = ImageDraw.Draw(m)
-            getattr(mdraw, kind)(geom, fill=1)
-            getattr(draw, kind)(geom, fill=tuple(int(v) for v in colours[c]))
-            arr = np.asfortranarray(np.asarray(m, dtype=np.uint8))
-            rle = mask_utils.encode(arr)
-            area = float(mask_utils.area(rle))
-            if area == 0:
-                continue
-            anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": int(c) + 1,
-                         "segmentation": {"size": [height, width], "counts": rle["counts"].decode()},
-                         "area": area, "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0})
-        canvas.save(img_dir / fname, quality=90)
-        images.append({"id": iid, "file_name": fname, "height": height, "width": width})
-    doc = {"images": images, "annotations": anns, "categories": cats}
-    (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(doc))
-    return {"images": len(images), "annotations": len(anns)}
-
-
-def write_glove(path: Path, words: Sequence[str], dim: int = EMBEDDING_DIM, seed: int = 0) -> Path:
-    """A GloVe-format text file of random vectors for ``words`` (in that frequency order)."""
-    rng = np.random.default_rng(seed)
-    vecs = rng.standard_normal((len(words), dim)).astype(np.float32)
-    with open(path, "w", encoding="utf-8") as fh:
-        for w, v in zip(words, vecs):
-            fh.write(w + " " + " ".join(f"{x:.4f}" for x in v) + "\n")
-    return path
-
-
-def embedding_words(categories: Sequence[str]) -> list[str]:
-    """The categories, then every token of lavise's visual nouns: the default vocabulary maps fully."""
-    out: list[str] = []
-    seen: set[str] = set()
-    for w in list(categories) + [t for line in visual_nouns() for t in line.split()]:
-        if w not in seen:
-            seen.add(w)
-            out.append(w)
-    return out
 
 
 @dataclass
@@ -173,7 +81,7 @@ def synthetic_dataset(tmp: Path, store: Store, *, splits: dict[str, int], width:
         write_coco_split(root, split, n, width, height, cats, masks_per_image, seed=seed + 1000 * k, id_offset=offset)
         offset += n
     if not store.exists("embeddings", "bench-glove"):
-        glove = write_glove(tmp / "bench-glove.txt", embedding_words(cats), seed=seed)
+        glove = write_glove(tmp / "bench-glove.txt", embedding_words(cats), dim=EMBEDDING_DIM, seed=seed)
         register_embedding(store, glove, name="bench-glove")
     register_coco(store, root, name, splits=list(splits))
     preprocess(store, name, embedding="bench-glove", seed=seed)

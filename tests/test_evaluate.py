@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from lavise_cli.explain import top_images
 from lavise_cli.models import load_model
 from lavise_cli.store import Store
 from lavise_cli.target import folder_target, labelled_target, target_pass
+from lavise_cli.testing import colour_model_factory
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -146,33 +146,8 @@ def test_recall_at_words_that_are_no_concept_never_count() -> None:
 # ground_truth and netdissect_iou on a generated labelled target set
 # ----------------------------------------------------------------------------------------------
 
-FACTORY = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-
-    class Colours(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 1)
-            with torch.no_grad():
-                self.conv.weight.copy_(torch.tensor([
-                    [2.0, -1.0, -1.0], [-1.0, 2.0, -1.0], [-1.0, -1.0, 2.0], [0.3, 0.3, 0.3],
-                ]).view(4, 3, 1, 1))
-                self.conv.bias.zero_()
-            self.act = nn.ReLU()
-            self.pool = nn.AvgPool2d(8)
-            self.feat = nn.Identity()
-
-        def forward(self, x):
-            return self.feat(self.pool(self.act(self.conv(x)))).mean((2, 3))
-
-
-    def build():
-        return Colours(), {"input_size": 32, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
-    """
-)
+FACTORY = colour_model_factory(
+    [[2.0, -1.0, -1.0], [-1.0, 2.0, -1.0], [-1.0, -1.0, 2.0], [0.3, 0.3, 0.3]], activation="ReLU")
 
 WORDS = "the of dog cat car sky grass tree".split()
 CATS = [{"id": 1, "name": "dog", "supercategory": "a"}, {"id": 2, "name": "cat", "supercategory": "a"},

@@ -49,6 +49,7 @@ from lavise_cli.pipeline import evaluate_methods, open_session, run_explain, voc
 from lavise_cli.models import one_thread
 from lavise_cli.store import Store
 from lavise_cli.target import TargetCache
+from lavise_cli.testing import colour_model_factory
 from lavise_cli.train import TrainSettings, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -341,35 +342,9 @@ def test_diversity_figures_on_a_constructed_case() -> None:
 # A small trained explainer (generated COCO data, a factory model, a generated GloVe file)
 # ----------------------------------------------------------------------------------------------
 
-FACTORY = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-
-    class Colours(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 6, 1)
-            with torch.no_grad():
-                self.conv.weight.copy_(torch.tensor([
-                    [2.0, -1.0, -1.0], [-1.0, 2.0, -1.0], [-1.0, -1.0, 2.0],
-                    [0.3, 0.3, 0.3], [1.0, 1.0, -1.0], [-1.0, -1.0, -1.0],
-                ]).view(6, 3, 1, 1))
-                self.conv.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.05, -0.5, 1.0]))
-            self.act = nn.ReLU6()
-            self.pool = nn.AvgPool2d(8)
-            self.feat = nn.Identity()
-
-        def forward(self, x):
-            f = self.feat(self.pool(self.act(self.conv(x))))
-            return f.mean((2, 3))
-
-
-    def build():
-        return Colours(), {"input_size": 32, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
-    """
-)
+FACTORY = colour_model_factory(
+    [[2.0, -1.0, -1.0], [-1.0, 2.0, -1.0], [-1.0, -1.0, 2.0], [0.3, 0.3, 0.3], [1.0, 1.0, -1.0], [-1.0, -1.0, -1.0]],
+    [0.0, 0.0, 0.0, 0.05, -0.5, 1.0], activation="ReLU6")
 
 GLOVE_WORDS = ("the of and dog cat car sky grass tree road water house window door table chair "
                "ball box cup bottle apple banana flower bird horse wall red blue green").split()

@@ -32,6 +32,7 @@ from lavise_cli.embeddings import register_embedding
 from lavise_cli.features import feature_key, pooled_masked, reference_features
 from lavise_cli.models import TargetModel, load_model
 from lavise_cli.store import Store
+from lavise_cli.testing import rle_counts
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -40,14 +41,6 @@ LAYERS = ["layer3", "layer4"]
 VIEW_NAMES = ["full", "flip", "crop", "crop-flip"]
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]
 WORDS = ["the", "person", "car", "dog", "cat", "sky"]
-
-
-def _rle_counts(mask: np.ndarray) -> list[int]:
-    flat = np.asarray(mask, np.uint8).flatten(order="F")
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    return ([0] + counts) if flat[0] == 1 else counts
 
 
 def _masks(h: int, w: int, seed: int) -> dict[int, np.ndarray]:
@@ -86,7 +79,7 @@ def write_dataset(root: Path, sizes: list[tuple[int, int]]) -> dict[str, dict[in
         for cat, m in masks.items():
             ys, xs = np.nonzero(m)
             anns.append({"id": len(anns) + 1, "image_id": k + 1, "category_id": cat, "iscrowd": 1,
-                         "segmentation": {"counts": _rle_counts(m), "size": [h, w]}, "area": float(m.sum()),
+                         "segmentation": {"counts": rle_counts(m), "size": [h, w]}, "area": float(m.sum()),
                          "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]})
     doc = {"images": images, "annotations": anns, "categories": CATEGORIES}
     (root / "annotations" / "instances_train2017.json").write_text(json.dumps(doc))

@@ -34,6 +34,7 @@ from lavise_cli.embeddings import register_embedding
 from lavise_cli.pipeline import evaluate_methods, open_session, run_explain, vocabulary_for
 from lavise_cli.models import one_thread
 from lavise_cli.store import Store
+from lavise_cli.testing import rle_counts
 from lavise_cli.train import TrainSettings, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -94,15 +95,6 @@ def _poly(x0: int, y0: int, x1: int, y1: int) -> list[float]:
     return [float(v) for v in (x0, y0, x1, y0, x1, y1, x0, y1)]
 
 
-def _rle_counts(mask: np.ndarray) -> list[int]:
-    """Uncompressed COCO RLE counts of a binary mask (column-major, starting with a run of 0s)."""
-    flat = mask.astype(np.uint8).flatten(order="F")
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    return ([0] + runs) if flat[0] == 1 else runs
-
-
 def write_split(root: Path, split: str, n: int, seed: int) -> None:
     """Objects as polygons; sky and grass as exact masks (RLE) of their visible pixels."""
     rng = np.random.default_rng(seed)
@@ -142,7 +134,7 @@ def write_split(root: Path, split: str, n: int, seed: int) -> None:
             m &= free
             if m.any():
                 ys, xs = np.nonzero(m)
-                add(iid, cat, {"counts": _rle_counts(m), "size": [SIZE, SIZE]},
+                add(iid, cat, {"counts": rle_counts(m), "size": [SIZE, SIZE]},
                     (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), float(m.sum()))
         arr += rng.normal(0, 6, arr.shape)  # texture, so that no two images are alike
         fn = f"{split}_{i:05d}.png"
