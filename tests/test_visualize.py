@@ -15,6 +15,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import select
 import shutil
 import stat
@@ -35,6 +36,7 @@ from lavise_cli.data.images import View, apply_view_image, read_rgb
 from lavise_cli.data.index import preprocess
 from lavise_cli.download import register_coco
 from lavise_cli.embeddings import register_embedding
+from lavise_cli.explain import regions
 from lavise_cli.pipeline import evaluate_methods, explanation_doc, open_session, run_explain, vocabulary_for
 from lavise_cli.store import Store
 from lavise_cli.train import TrainSettings, train
@@ -286,6 +288,74 @@ def test_heatmap_paths_write_pngs_atomically(squares: dict[str, Any], tmp_path: 
             assert im.format == "PNG" and im.size == (3 * SIZE + 4 * viz.PAD, viz.heatmap_layout(3, SIZE).height)
 
 
+def page_masks(page: Path) -> tuple[int, dict[tuple[int, int], np.ndarray]]:
+    """The regions a written report page carries: (thumb, {(filter, q): bool (thumb, thumb)})."""
+    import re
+
+    text = page.read_text(encoding="utf-8")
+    thumb = int(re.search(r'data-thumb="(\d+)"', text).group(1))
+    out = {}
+    for card in re.finditer(r'<section class="card"[^>]*?data-filter="(\d+)".*?</section>', text, re.S):
+        for q, m in enumerate(re.findall(r'data-m="([^"]*)"', card.group(0))):
+            out[(int(card.group(1)), q)] = viz.decode_mask(m, thumb, thumb)
+    return thumb, out
+
+
+def test_mask_text_round_trips() -> None:
+    g = torch.Generator().manual_seed(3)
+    cases = [np.zeros((5, 7), bool), np.ones((5, 7), bool), np.zeros((200, 200), bool), np.ones((200, 200), bool),
+             (torch.rand(33, 17, generator=g) > 0.5).numpy()]
+    blob = np.zeros((128, 128), bool)
+    blob[40:70, 20:90] = True
+    cases.append(blob)
+    for m in cases:
+        assert np.array_equal(viz.decode_mask(viz.encode_mask(m), *m.shape), m)
+    assert viz.encode_mask(np.zeros((200, 200), bool)) == base64.b64encode(bytes([0xC0, 0xB8, 0x02])).decode()
+    assert len(viz.encode_mask(blob)) < 100  # a blob: two short runs per row
+    with pytest.raises(ValueError):
+        viz.decode_mask(viz.encode_mask(blob), 128, 127)
+
+
+@pytest.mark.parametrize("thumb", [SIZE, 40])
+def test_report_regions_are_the_explain_regions(squares: dict[str, Any], tmp_path: Path, thumb: int) -> None:
+    ses = squares["session"]
+    ex = run_explain(ses, [0, 1, 4], "attention", vocabulary_for(ses), p=6, s=3, k=3)
+    doc = explanation_doc(ses, ex)
+    n = 5
+    page = viz.build_report(ses, doc, None, tmp_path / "r.html", n_images=n, thumb=thumb)
+    got_thumb, masks = page_masks(page)
+    assert got_thumb == thumb and len(masks) == 3 * n
+    for entry in doc["filters"]:
+        u = entry["filter"]
+        tops = entry["top_images"][:n]
+        maps = ses.cache.maps([t["row"] for t in tops])
+        # explain's regions, sampled at the thumbnail's size (at the input size: evaluate's region itself).
+        want = regions(maps, torch.full((len(tops),), u), ses.cache.threshold, thumb).numpy()
+        for q in range(len(tops)):
+            assert np.array_equal(masks[(u, q)], want[q]), (u, q)
+            if u in (0, 1):  # white and red squares: a square's region in every top image
+                assert masks[(u, q)].any() and not masks[(u, q)].all(), (u, q)
+    # One thumbnail per distinct image, the whole image at the thumbnail's size.
+    rows = {t["row"]: t["path"] for f in doc["filters"] for t in f["top_images"][:n]}
+    files = sorted(p.name for p in (tmp_path / "r_files").iterdir())
+    assert files == sorted(viz.thumbnail_name(r) for r in rows) and len(files) < 3 * n
+    r0 = min(rows)
+    with Image.open(tmp_path / "r_files" / viz.thumbnail_name(r0)) as im:
+        assert im.size == (thumb, thumb) and im.format == "JPEG"
+        pix = np.asarray(im.convert("RGB")).astype(np.float32)
+    ref = (apply_view_image(read_rgb(rows[r0]), View(), thumb) * 255).permute(1, 2, 0).numpy()
+    # The same picture, squares in place (block means: JPEG blurs the pixel noise of the ground).
+    def blocks(a: np.ndarray) -> np.ndarray:
+        k = thumb // 8
+        return a[:8 * k, :8 * k].reshape(8, k, 8, k, 3).mean((1, 3))
+
+    assert np.abs(blocks(pix) - blocks(ref)).mean() < 5  # (chroma subsampling blurs the red edges)
+    assert np.abs(blocks(pix) - blocks(ref[::-1].copy())).mean() > 20
+    text = page.read_text()
+    srcs = re.findall(r'<img loading="lazy" src="([^"]+)"', text)
+    assert len(srcs) == 3 * n and len(set(srcs)) == len(files)  # pairs share their image's file
+
+
 # ----------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------
@@ -335,13 +405,18 @@ def test_cli_report_with_recall(squares: dict[str, Any], tmp_path: Path) -> None
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["report"] == str(page.resolve()) and res["evaluated"] and res["filters"] == 6
-    assert res["images"] == 6 * 4
+    assert res["images"] == 6 * 4  # highlighted (filter, image) pairs on the page
+    # One thumbnail per distinct image among them, named by its target row.
+    saved = json.loads(Path(res["explanation"]).read_text())
+    rows = {t["row"] for f in saved["filters"] for t in f["top_images"][:4]}
     files = page.parent / "layer_files"
-    assert sorted(p.name for p in files.iterdir())[:2] == ["f0000-00.jpg", "f0000-01.jpg"]
-    with Image.open(files / "f0000-00.jpg") as im:
+    assert sorted(p.name for p in files.iterdir()) == sorted(f"i{r:06d}.jpg" for r in rows)
+    assert res["thumbnail_files"] == len(rows) < 6 * 4
+    with Image.open(files / f"i{min(rows):06d}.jpg") as im:
         assert im.size == (48, 48) and im.format == "JPEG"
     text = page.read_text()
     assert "R@5" in text and text.count('class="card"') == 6 and text.count('loading="lazy"') == 24
+    assert text.count("data-m=") == 24  # every pair's region, drawn by the page
     assert "http://" not in text and "https://" not in text  # nothing to fetch from the network
     # Unlabelled target: no recall, still a page.
     plain = tmp_path / "plain"
@@ -527,6 +602,18 @@ LOAD_IMAGES = """
 """
 
 
+OVERLAYS_DRAWN = """
+(async () => {
+  for (let i = 0; i < 100; i++) {
+    const n = document.querySelectorAll('.card .t canvas.ov').length;
+    if (n === document.querySelectorAll('.card .t').length) return n;
+    await new Promise(done => setTimeout(done, 50));
+  }
+  return document.querySelectorAll('.card .t canvas.ov').length;
+})()
+"""
+
+
 def test_report_in_a_headless_browser(squares: dict[str, Any], tmp_path: Path) -> None:
     exe = chromium()
     ses = squares["session"]
@@ -559,6 +646,48 @@ def test_report_in_a_headless_browser(squares: dict[str, Any], tmp_path: Path) -
         assert all(c and w == 64 for _, _, c, w in imgs), [i for i in imgs if not (i[2] and i[3] == 64)]
         assert {int(f) for f, *_ in imgs} == set(filters)
         assert browser.js("document.querySelectorAll('img[loading=\"lazy\"]').length") == len(filters) * n
+        # Every pair's region is drawn over its image by the page: one canvas each, pixel for pixel
+        # the region the library computes (thumbnail size = input size here: evaluate's very region),
+        # dimmed outside and outlined on its inner boundary.
+        assert browser.js(OVERLAYS_DRAWN) == len(filters) * n
+        wow = viz.outline_width(64)
+        for u in (0, 1, 3):
+            tops = doc["filters"][u]["top_images"][:n]
+            maps = ses.cache.maps([t["row"] for t in tops])
+            want = regions(maps, torch.full((len(tops),), u), ses.cache.threshold, SIZE).numpy()
+            got_px = browser.js(f"Array.from(document.querySelectorAll('#f{u} canvas.ov')).map(c => Array.from("
+                                f"c.getContext('2d').getImageData(0, 0, c.width, c.height).data))")
+            assert len(got_px) == len(tops)
+            for q, px in enumerate(got_px):
+                px = np.array(px, dtype=np.int32).reshape(SIZE, SIZE, 4)
+                edge = viz.outline(torch.from_numpy(want[q]), wow).numpy()
+                dim_alpha = round(255 * (1 - viz.DIM))
+                assert np.array_equal(px[..., 3] == dim_alpha, ~want[q]), (u, q)
+                assert np.array_equal((px[..., 3] == 255) & (px[..., :3] == viz.OUTLINE).all(2), edge), (u, q)
+                assert np.array_equal(px[..., 3] == 0, want[q] & ~edge), (u, q)
+        # And on screen: the tile of filter 0's first image looks like the library's own highlight of
+        # its thumbnail (up to JPEG decoding and alpha blending), not like the plain image.
+        box = browser.js("(() => { const t = document.querySelector('#f0 .t'); t.scrollIntoView({block: 'center'});"
+                         " const r = t.getBoundingClientRect(); return [r.left, r.top]; })()")
+        time.sleep(0.3)
+        x0, y0 = round(box[0]), round(box[1])
+        full = browser.screenshot()
+        full.save(tmp_path / "tile.png")
+        tile = np.asarray(full)[y0:y0 + SIZE, x0:x0 + SIZE].astype(np.float32)
+        row0 = doc["filters"][0]["top_images"][0]["row"]
+        with Image.open(page.parent / "report_files" / f"i{row0:06d}.jpg") as im:
+            thumb_img = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).float() / 255
+        reg0 = torch.from_numpy(regions(ses.cache.maps([row0]), torch.tensor([0]), ses.cache.threshold, SIZE).numpy())
+        want_tile = viz.to_uint8(viz.highlight(thumb_img, reg0[0], width=wow)).numpy().astype(np.float32)
+        plain = viz.to_uint8(thumb_img).numpy().astype(np.float32)
+        inner = (slice(3, -3), slice(3, -3))  # rounded corners aside
+        assert np.abs(tile[inner] - want_tile[inner]).mean() < 4, np.abs(tile[inner] - want_tile[inner]).mean()
+        assert np.abs(tile[inner] - plain[inner]).mean() > 20
+        assert ((np.abs(tile - np.array(viz.OUTLINE)) < 3).all(2)).sum() >= 0.9 * viz.outline(reg0[0], wow).sum()
+        # The page's decoder reads the library's run lengths (long runs, a region from the first pixel).
+        for m in (np.zeros((SIZE, SIZE), bool), np.ones((SIZE, SIZE), bool), want[0], ~want[0]):
+            dec = browser.js(f"Array.from(decodeMask({json.dumps(viz.encode_mask(m))}, {SIZE * SIZE}))")
+            assert np.array_equal(np.array(dec, bool).reshape(SIZE, SIZE), m)
         # The recall table and the settings are at the top.
         head = browser.js("document.querySelector('header').innerText")
         assert "R@5" in head and "attention" in head and squares["explainer"] in head
@@ -620,6 +749,10 @@ def test_report_in_a_headless_browser(squares: dict[str, Any], tmp_path: Path) -
         arr = np.asarray(shot).astype(np.float32)
         assert shot.size == (1280, 900)
         assert arr.std() > 10 and len(np.unique(arr.reshape(-1, 3), axis=0)) > 100
+        # No script error anywhere on the way.
+        errors = [m for m in browser.events if m.get("method") == "Runtime.exceptionThrown" or (
+            m.get("method") == "Runtime.consoleAPICalled" and m["params"].get("type") == "error")]
+        assert not errors, errors
     finally:
         browser.close()
 

@@ -102,8 +102,13 @@ def regions(maps: torch.Tensor, filt: torch.Tensor, thresholds: torch.Tensor, si
     footprint, a single peak cell at ``T_u`` (a saturated filter: ReLU6 caps at ``T_u``) is never
     reached between pixel centres and the image has an empty region.
     """
-    fu = maps[torch.arange(len(filt)), filt][:, None]  # (B, 1, h, w)
-    thr = thresholds[filt][:, None, None]
+    return filter_regions(maps[torch.arange(len(filt)), filt], thresholds[filt], size, cells)
+
+
+def filter_regions(fmaps: torch.Tensor, thresholds: torch.Tensor, size: int, cells: bool = True) -> torch.Tensor:
+    """:func:`regions` from each row's own filter map: ``fmaps`` (B, h, w), ``thresholds`` (B,)."""
+    fu = fmaps[:, None]  # (B, 1, h, w)
+    thr = thresholds[:, None, None]
     up = F.interpolate(fu, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
     reg = up >= thr
     if cells:

@@ -231,8 +231,10 @@ def report(
             page = page.with_suffix(page.suffix + ".html") if page.suffix else page.with_suffix(".html")
         page = build_report(ses, doc, evaluation, page, n_images=images, thumb=thumb, progress=prog)
     files = files_dir_for(page)
-    n_thumbs = sum(1 for _ in files.glob("*.jpg"))
-    res: dict[str, Any] = {"report": str(page), "thumbnails": str(files), "images": n_thumbs,
+    n_thumbs = sum(1 for _ in files.glob("*.jpg"))  # one per distinct image
+    n_shown = sum(len(f["top_images"][:images]) for f in doc["filters"])  # highlighted (filter, image) pairs
+    res: dict[str, Any] = {"report": str(page), "thumbnails": str(files), "images": n_shown,
+                           "thumbnail_files": n_thumbs,
                            "filters": len(doc["filters"]), "method": method, "precision": ses.precision,
                            "explanation": doc["saved"],
                            "evaluated": evaluation is not None, "seconds": round(time.perf_counter() - t0, 2)}
@@ -244,7 +246,8 @@ def report(
     t = Table(title=f"report · {doc['explainer']} · {method} · {doc['target']}")
     t.add_column("")
     t.add_column("value", overflow="fold")
-    t.add_row("thumbnails", str(n_thumbs))
+    t.add_row("images shown", str(n_shown))
+    t.add_row("thumbnails", f"{n_thumbs} (one per distinct image)")
     t.add_row("filters", str(len(doc["filters"])))
     if evaluation is not None:
         r = evaluation["methods"][method]
