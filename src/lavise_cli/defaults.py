@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The explanation methods of `lavise explain` (explain.py) and what `lavise evaluate` scores (pipeline.py).
+# The explanation methods of `lavise explain` (explain.py) and what `lavise evaluate` scores (methods.py).
 METHODS = ("attention", "original", "activation-masking", "image-masking", "netdissect")
 ALL_METHODS = ("attention", "activation-masking", "image-masking", "original", "netdissect", "frequency")
+# What each method does and needs: lavise_cli.methods (the registry these names must match).
+DEFAULT_METHOD = METHODS[0]
 # Nearest-word search per image and the order of a filter's words (explain.py; docs/method.md,
 # "Words that tell filters apart"; the defaults were picked by benchmarks/word_specificity.py).
 RETRIEVALS = ("cosine", "csls", "centred", "inverted-softmax")

@@ -19,7 +19,7 @@ from .explainer import LoadedExplainer
 from .target import TargetCache
 
 # Defined there so that the CLI reads them without torch.
-from .defaults import DEFAULT_RANK, DEFAULT_RETRIEVAL, METHODS, RANKS, RETRIEVALS  # noqa: E402
+from .defaults import DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_RETRIEVAL, METHODS, RANKS, RETRIEVALS  # noqa: E402,F401
 EPS = 1e-8
 # Nearest-word search (see docs/method.md, "Words that tell filters apart"):
 #   cosine            cos(v, w)
@@ -208,24 +208,29 @@ def _chunk_size(p: int, d: int, hw: int, budget: int = 1 << 28) -> int:
 
 
 
-def _predicted_vectors(g: Any, cache: TargetCache, filt: torch.Tensor, top: torch.Tensor, method: str,
+def _predicted_vectors(g: Any, cache: TargetCache, filt: torch.Tensor, top: torch.Tensor, method: Any,
                        masked_inputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
                        progress: Any = None, budget: int = 1 << 30) -> torch.Tensor:
-    """The explainer's unit vectors ``(F, p, e)`` for every (filter, top image) pair of ``filt``."""
+    """The explainer's unit vectors ``(F, p, e)`` for every (filter, top image) pair of ``filt``.
+
+    ``method`` (a :class:`lavise_cli.methods.Method`) makes the inputs from the cached maps, else
+    ``masked_inputs(rows, filters)`` does.
+    """
     d, h, w = cache.shape
     nf, p = top.shape
     uniq, inv = torch.unique(top, return_inverse=True)
     # Maps of every row needed, loaded once when they fit in ``budget``; else per chunk of filters.
-    whole = method != "image-masking" and len(uniq) * d * h * w * 4 <= budget
+    from_maps = method.map_inputs is not None
+    whole = from_maps and len(uniq) * d * h * w * 4 <= budget
     maps = cache.maps(uniq) if whole else None
     chunk = _chunk_size(p, d, h * w)
     out: torch.Tensor | None = None
-    task = progress.add_task(f"explaining ({method})", total=nf, unit="filter") if progress is not None else None
+    task = progress.add_task(f"explaining ({method.name})", total=nf, unit="filter") if progress is not None else None
     for c0 in range(0, nf, chunk):
         fc = filt[c0:c0 + chunk]
         rows = inv[c0:c0 + chunk].reshape(-1)  # (c*p,) positions in uniq
         fr = fc.repeat_interleave(p)  # the filter of each (filter, image) row
-        if method == "image-masking":
+        if not from_maps:
             assert masked_inputs is not None
             z = masked_inputs(uniq[rows], fr)
         else:
@@ -234,12 +239,7 @@ def _predicted_vectors(g: Any, cache: TargetCache, filt: torch.Tensor, top: torc
             else:
                 u2, i2 = torch.unique(rows, return_inverse=True)
                 m = cache.maps(uniq[u2])[i2]
-            if method == "attention":
-                z = attention_inputs(m, fr)
-            elif method == "original":
-                z = original_inputs(m, fr)
-            else:
-                z = activation_mask_inputs(m, fr, cache.threshold)
+            z = method.map_inputs(m, fr, cache.threshold)
         v = g(z)  # (c*p, e) unit vectors
         if out is None:
             out = torch.zeros(nf, p, v.shape[1])
@@ -257,7 +257,7 @@ def explain_filters(
     vocab: Vocabulary,
     filters: Sequence[int],
     *,
-    method: str = "attention",
+    method: str = DEFAULT_METHOD,
     p: int = 25,
     s: int = 5,
     k: int = 5,
@@ -284,8 +284,9 @@ def explain_filters(
     ``fixed_words`` ``(F, s)`` serves methods that name the same words for every image of a filter
     (``netdissect``: concepts ranked by IoU).
     """
-    if method not in METHODS:
-        raise LaviseError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    from .methods import get_method  # the registry (it builds on this module)
+
+    meth = get_method(method, explain=True)
     if retrieval not in RETRIEVALS:
         raise LaviseError(f"unknown retrieval {retrieval!r}; choose from {', '.join(RETRIEVALS)}")
     if rank not in RANKS:
@@ -305,12 +306,14 @@ def explain_filters(
         bg_idx = words_idx[active[filt]]
     else:
         if explainer is None:
-            raise LaviseError(f"method {method} needs an explainer")
+            raise LaviseError(f"method {meth.name} needs an explainer")
+        if meth.map_inputs is None and masked_inputs is None:
+            raise LaviseError(f"method {meth.name} makes its inputs with the session: run it through run_explain")
         g = explainer.module.eval()
         vv = torch.as_tensor(vocab.vectors, dtype=torch.float32)
-        layer_wide = method != "image-masking"
+        layer_wide = meth.layer_wide
         comp = torch.arange(d) if layer_wide else filt
-        vecs = _predicted_vectors(g, cache, comp, top_all[comp], method, masked_inputs, progress)
+        vecs = _predicted_vectors(g, cache, comp, top_all[comp], meth, masked_inputs, progress)
         e = vecs.shape[2]
         bg_mask = active[comp]
         stats = retrieval_stats(vecs[bg_mask].reshape(-1, e), vv, retrieval)
@@ -325,7 +328,7 @@ def explain_filters(
     words, scores, conf = rank_words(words_idx[..., :rs], words_sim[..., :rs], V, k, vocab.words, rank=rank,
                                      background=background, details=True)
     inactive = (~active[filt]).tolist()
-    return Explanation(method=method, filters=filt.tolist(), top_rows=top, image_words=words_idx,
+    return Explanation(method=meth.name, filters=filt.tolist(), top_rows=top, image_words=words_idx,
                        image_scores=words_sim, words=words, inactive=inactive, vocabulary=vocab,
                        settings={"p": p, "s": s_eff, "k": k, "retrieval": retrieval, "rank": rank,
                                  **({"rank_s": rs} if rs != s_eff else {})},

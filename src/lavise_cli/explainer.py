@@ -63,6 +63,11 @@ class LoadedExplainer:
     path: Path
 
     @property
+    def filters(self) -> int:
+        """Filters of the layer this explainer explains (``d``)."""
+        return int(self.meta["d"])
+
+    @property
     def concepts(self) -> list[str]:
         return list(self.meta["concepts"])
 

@@ -12,69 +12,52 @@ import typer
 from rich.table import Table
 
 from ..errors import LaviseError
-from ..defaults import ALL_METHODS, DEFAULT_RANK, DEFAULT_RETRIEVAL, METHODS, RANKS, RETRIEVALS
+from ..defaults import ALL_METHODS, DEFAULT_METHOD
 from .app import app
-from .common import PRECISION_HELP, emit_json, handle_errors, info, lazy, out, progress, state, warn_trained_on
+from .common import emit_json, handle_errors, info, lazy, out, progress, state, warn_trained_on
+from .options import (BATCH, DATASET, DEVICE, EXPLAINER, LAYER, METHOD, MODEL, PRECISION, RANK, RETRIEVAL, SPLIT,
+                      VOCAB, VOCAB_SIZE)
 
+check_filters = lazy("session", "check_filters")
+open_session = lazy("session", "open_session")
+vocabulary_for = lazy("session", "vocabulary_for")
+get_method = lazy("methods", "get_method")
+parse_methods = lazy("methods", "parse_methods")
+check_word_settings = lazy("methods", "check_word_settings")
+run_explain = lazy("methods", "run_explain")
+evaluate_methods = lazy("methods", "evaluate_methods")
+explanation_doc = lazy("results", "explanation_doc")
+save_result = lazy("results", "save_result")
 parse_filters = lazy("explain", "parse_filters")
-evaluate_methods = lazy("pipeline", "evaluate_methods")
-has_ground_truth = lazy("pipeline", "has_ground_truth")
-explanation_doc = lazy("pipeline", "explanation_doc")
-nan_to_none = lazy("pipeline", "nan_to_none")
-netdissect_words = lazy("pipeline", "netdissect_words")
-open_explainer = lazy("pipeline", "open_explainer")
-open_session = lazy("pipeline", "open_session")
-run_explain = lazy("pipeline", "run_explain")
-save_result = lazy("pipeline", "save_result")
-vocabulary_for = lazy("pipeline", "vocabulary_for")
-check_word_settings = lazy("pipeline", "check_word_settings")
 
-_EXPLAINER = typer.Option(None, "--explainer", "-e", help="Explainer name (default: the latest trained).")
-_DATASET = typer.Option([], "--dataset", help="Labelled target set(s) (default: the explainer's datasets).")
-_SPLIT = typer.Option(None, "--split", help="Split of the target dataset(s) (default: val; for a dataset without a "
-                                           "train split, its held-out part `held-out`).")
-_VOCAB = typer.Option("default", "--vocab", help="default, concepts, raw, or a file with one word/phrase per line.")
-_VOCAB_SIZE = typer.Option(None, "--vocab-size", min=1,
-                          help="Frequency rank limit of vocabulary words (default 30000).")
-_DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N, mps.")
-_BATCH = typer.Option(32, "--batch-size", min=1, help="Images per batch in the target pass.")
 # What `explain --csv` prints, in order (its --help lists the same): similarity_sum is the word's
 # cosine similarity summed over the images naming it, so it can exceed 1; specificity and layer_mean
 # the word's (docs/method.md), confidence the filter's.
 CSV_COLUMNS = ("filter", "rank", "word", "images", "similarity_sum", "novel", "inactive", "specificity", "layer_mean",
                "confidence")
-_PRECISION = typer.Option("auto", "--precision", help=PRECISION_HELP)
-_MODEL = typer.Option(None, "--model", help="Check that the explainer was trained for this model.")
-_LAYER = typer.Option(None, "--layer", help="Check that the explainer was trained for this layer.")
-_RETRIEVAL = typer.Option(DEFAULT_RETRIEVAL, "--retrieval",
-                          help=f"Nearest-word search per image: {', '.join(RETRIEVALS)} (csls, centred and "
-                               "inverted-softmax correct hub words; see docs/method.md).")
-_RANK = typer.Option(DEFAULT_RANK, "--rank", help=f"Order of a filter's words: {' or '.join(RANKS)} (specific: "
-                     "against the word's mean count over the layer's filters; the count stays shown).")
-
 
 @app.command()
 @handle_errors
 def explain(
-    explainer: Optional[str] = _EXPLAINER,
+    explainer: Optional[str] = EXPLAINER,
     filters: Optional[str] = typer.Option(None, "--filters", "-f", help="Filters: 150,275 or ranges 0-63."),
     all_filters: bool = typer.Option(False, "--all", help="Explain every filter of the layer."),
-    method: str = typer.Option("attention", "--method", "-m", help=f"One of: {', '.join(METHODS)}."),
+    method: str = METHOD,
     words_per_image: int = typer.Option(5, "--words-per-image", "-s", help="Words per top image."),
     images_per_filter: int = typer.Option(25, "--images", "-p", help="Top images per filter."),
     top: int = typer.Option(5, "--top", "-k", help="Words shown per filter."),
-    dataset: List[str] = _DATASET,
-    split: Optional[str] = _SPLIT,
+    dataset: List[str] = DATASET,
+    split: Optional[str] = SPLIT,
     image_dir: Optional[Path] = typer.Option(None, "--image-dir", help="Explain on a folder of plain images instead."),
-    vocab: str = _VOCAB,
-    vocab_size: Optional[int] = _VOCAB_SIZE,
-    model: Optional[str] = _MODEL,
-    layer: Optional[str] = _LAYER,
-    device: str = _DEVICE,
-    batch_size: int = _BATCH,
-    precision: str = _PRECISION,
-    retrieval: str = _RETRIEVAL,
-    rank: str = _RANK,
+    vocab: str = VOCAB,
+    vocab_size: Optional[int] = VOCAB_SIZE,
+    model: Optional[str] = MODEL,
+    layer: Optional[str] = LAYER,
+    device: str = DEVICE,
+    batch_size: int = BATCH,
+    precision: str = PRECISION,
+    retrieval: str = RETRIEVAL,
+    rank: str = RANK,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     csv_out: bool = typer.Option(False, "--csv", help=f"CSV on stdout, one row per word: {', '.join(CSV_COLUMNS)}."),
 ) -> None:
@@ -92,26 +75,20 @@ def explain(
     """
     if filters is None and not all_filters:
         raise LaviseError("say which filters: --filters 150,275 (ranges like 0-63 work) or --all")
-    if method not in METHODS:
-        raise LaviseError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    get_method(method, explain=True)
     if min(words_per_image, images_per_filter, top) < 1:
         raise LaviseError("-s, -p and -k must be at least 1")
     check_word_settings(retrieval, rank)
     # Check the filters against the explainer before the (possibly long) target pass.
-    parse_filters(filters, int(open_explainer(state.store, explainer)[1].meta["d"]), all_filters)
+    check_filters(state.store, explainer, filters, all_filters)
     with progress() as prog:
         ses = open_session(state.store, explainer, datasets=dataset, split=split, images=image_dir, model=model,
                            layer=layer, device=device, batch_size=batch_size, precision=precision, progress=prog)
         warn_trained_on(ses)
         chosen = parse_filters(filters, ses.cache.shape[0], all_filters)
         voc = vocabulary_for(ses, vocab, vocab_size)
-        nd = None
-        if method == "netdissect":
-            if not ses.target.labelled:
-                raise LaviseError("netdissect needs a labelled target set (a preprocessed dataset), not --image-dir")
-            nd, voc = netdissect_words(ses, chosen, voc, words_per_image, prog)
         ex = run_explain(ses, chosen, method, voc, p=images_per_filter, s=words_per_image, k=top, progress=prog,
-                         netdissect_words=nd, retrieval=retrieval, rank=rank)
+                         retrieval=retrieval, rank=rank)
     doc = explanation_doc(ses, ex)
     path = save_result(ses, f"explain-{method}", doc, {"target": ses.target.key, "vocab": voc.describe(),
                                                         "filters": chosen, **ex.settings, "precision": ses.precision})
@@ -150,22 +127,22 @@ def explain(
 @app.command()
 @handle_errors
 def evaluate(
-    explainer: Optional[str] = _EXPLAINER,
+    explainer: Optional[str] = EXPLAINER,
     recall: str = typer.Option("5,10,20", "--recall", "-r", help="Cut-offs s for recall@s."),
-    methods: str = typer.Option("attention", "--methods", help=f"Comma list of {', '.join(ALL_METHODS)}, or all."),
+    methods: str = typer.Option(DEFAULT_METHOD, "--methods", help=f"Comma list of {', '.join(ALL_METHODS)}, or all."),
     filters: Optional[str] = typer.Option(None, "--filters", "-f", help="Filters to score (default: all)."),
     images_per_filter: int = typer.Option(25, "--images", "-p", min=1, help="Top images per filter."),
-    dataset: List[str] = _DATASET,
-    split: Optional[str] = _SPLIT,
-    vocab: str = _VOCAB,
-    vocab_size: Optional[int] = _VOCAB_SIZE,
-    model: Optional[str] = _MODEL,
-    layer: Optional[str] = _LAYER,
-    device: str = _DEVICE,
-    batch_size: int = _BATCH,
-    precision: str = _PRECISION,
-    retrieval: str = _RETRIEVAL,
-    rank: str = _RANK,
+    dataset: List[str] = DATASET,
+    split: Optional[str] = SPLIT,
+    vocab: str = VOCAB,
+    vocab_size: Optional[int] = VOCAB_SIZE,
+    model: Optional[str] = MODEL,
+    layer: Optional[str] = LAYER,
+    device: str = DEVICE,
+    batch_size: int = BATCH,
+    precision: str = PRECISION,
+    retrieval: str = RETRIEVAL,
+    rank: str = RANK,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
     image_dir: Optional[Path] = typer.Option(None, "--image-dir", hidden=True),
 ) -> None:
@@ -188,12 +165,9 @@ def evaluate(
         raise LaviseError("--recall takes comma-separated whole numbers, e.g. 5,10,20") from None
     if not cuts or cuts[0] < 1:
         raise LaviseError("--recall takes positive cut-offs, e.g. 5,10,20")
-    chosen_methods = list(ALL_METHODS) if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
-    for m in chosen_methods:
-        if m not in ALL_METHODS:
-            raise LaviseError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)} or all")
+    chosen_methods = parse_methods(methods)
     check_word_settings(retrieval, rank)
-    parse_filters(filters, int(open_explainer(state.store, explainer)[1].meta["d"]), filters is None)
+    check_filters(state.store, explainer, filters, filters is None)
     with progress() as prog:
         ses = open_session(state.store, explainer, datasets=dataset, split=split, model=model, layer=layer,
                            device=device, batch_size=batch_size, precision=precision, progress=prog)
@@ -204,7 +178,6 @@ def evaluate(
         voc = vocabulary_for(ses, vocab, vocab_size)
         res = evaluate_methods(ses, chosen_methods, voc, cuts=cuts, p=images_per_filter, filters=chosen, progress=prog,
                                retrieval=retrieval, rank=rank)
-    res = nan_to_none(res)
     path = save_result(ses, "evaluate", res, {"target": ses.target.key, "vocab": voc.describe(), "methods": chosen_methods,
                                               "filters": chosen, "p": images_per_filter, "cuts": cuts,
                                               "precision": ses.precision, "retrieval": retrieval, "rank": rank,

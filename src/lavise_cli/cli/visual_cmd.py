@@ -10,49 +10,36 @@ import typer
 from rich.table import Table
 
 from ..errors import LaviseError
-from ..defaults import DEFAULT_RANK, DEFAULT_RETRIEVAL, METHODS
-from ..store import stable_digest
+from ..defaults import DEFAULT_RANK, DEFAULT_RETRIEVAL
 from .app import app
 from .common import emit_json, handle_errors, info, lazy, out, progress, state, warn_trained_on
-from .explain_cmd import (  # shared options, and the library's functions (imported at their first call)
-    _BATCH,
-    _DATASET,
-    _DEVICE,
-    _EXPLAINER,
-    _PRECISION,
-    _RANK,
-    _RETRIEVAL,
-    _SPLIT,
-    _VOCAB,
-    _VOCAB_SIZE,
-    evaluate_methods,
-    explanation_doc,
-    has_ground_truth,
-    nan_to_none,
-    netdissect_words,
-    open_explainer,
-    open_session,
-    parse_filters,
-    run_explain,
-    save_result,
-    vocabulary_for,
-)
+from .options import (BATCH, DATASET, DEVICE, EXPLAINER, METHOD, PRECISION, RANK, RETRIEVAL, SPLIT, VOCAB,
+                      VOCAB_SIZE)
 
 if TYPE_CHECKING:
-    from ..pipeline import Session
+    from ..session import Session
 
 build_report = lazy("visualize", "build_report")
 files_dir_for = lazy("visualize", "files_dir_for")
 heatmap_paths = lazy("visualize", "heatmap_paths")
+check_filters = lazy("session", "check_filters")
+has_ground_truth = lazy("session", "has_ground_truth")
+open_session = lazy("session", "open_session")
+vocabulary_for = lazy("session", "vocabulary_for")
+check_word_settings = lazy("methods", "check_word_settings")
+evaluate_methods = lazy("methods", "evaluate_methods")
+get_method = lazy("methods", "get_method")
+run_explain = lazy("methods", "run_explain")
+explanation_doc = lazy("results", "explanation_doc")
+result_path = lazy("results", "result_path")
+save_result = lazy("results", "save_result")
+parse_filters = lazy("explain", "parse_filters")
 
-check_word_settings = lazy("pipeline", "check_word_settings")
-
-_METHOD = typer.Option("attention", "--method", "-m", help=f"One of: {', '.join(METHODS)}.")
-_P = typer.Option(25, "--explain-images", "-p",
-                  help="Top images the words are gathered over (explain's -p); the pictures show the first of them.")
-_S = typer.Option(5, "--words-per-image", "-s", help="Words per top image (explain's -s).")
-_K = typer.Option(5, "--top", "-k", help="Words shown per filter (explain's -k).")
-_IMAGE_DIR = typer.Option(None, "--image-dir", help="Use a folder of plain images as the target set instead.")
+P = typer.Option(25, "--explain-images", "-p",
+                 help="Top images the words are gathered over (explain's -p); the pictures show the first of them.")
+S = typer.Option(5, "--words-per-image", "-s", help="Words per top image (explain's -s).")
+K = typer.Option(5, "--top", "-k", help="Words shown per filter (explain's -k).")
+IMAGE_DIR = typer.Option(None, "--image-dir", help="Use a folder of plain images as the target set instead.")
 
 
 def _explain(explainer: Optional[str], filters: Optional[str], all_filters: bool, method: str, p: int, s: int, k: int,
@@ -61,26 +48,18 @@ def _explain(explainer: Optional[str], filters: Optional[str], all_filters: bool
              retrieval: str = DEFAULT_RETRIEVAL, rank: str = DEFAULT_RANK
              ) -> tuple[Session, dict[str, Any], dict[str, Any], list[int]]:
     """Exactly what `lavise explain` does for the same settings: session, explanation doc, result key."""
-    if method not in METHODS:
-        raise LaviseError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    get_method(method, explain=True)
     if min(p, s, k) < 1:
         raise LaviseError("-p, -s and -k must be at least 1")
     check_word_settings(retrieval, rank)
     # Check the filters against the explainer before the (possibly long) target pass.
-    _, ex = open_explainer(state.store, explainer)
-    parse_filters(filters, int(ex.meta["d"]), all_filters)
+    check_filters(state.store, explainer, filters, all_filters)
     ses = open_session(state.store, explainer, datasets=dataset, split=split, images=image_dir, device=device,
                        batch_size=batch_size, precision=precision, progress=prog)
     warn_trained_on(ses)
     chosen = parse_filters(filters, ses.cache.shape[0], all_filters)
     voc = vocabulary_for(ses, vocab, vocab_size)
-    nd = None
-    if method == "netdissect":
-        if not ses.target.labelled:
-            raise LaviseError("netdissect needs a labelled target set (a preprocessed dataset), not --image-dir")
-        nd, voc = netdissect_words(ses, chosen, voc, s, prog)
-    ex_ = run_explain(ses, chosen, method, voc, p=p, s=s, k=k, progress=prog, netdissect_words=nd, retrieval=retrieval,
-                      rank=rank)
+    ex_ = run_explain(ses, chosen, method, voc, p=p, s=s, k=k, progress=prog, retrieval=retrieval, rank=rank)
     doc = explanation_doc(ses, ex_)
     key = {"target": ses.target.key, "vocab": voc.describe(), "filters": chosen, **ex_.settings,
            "precision": ses.precision}
@@ -92,26 +71,26 @@ def _explain(explainer: Optional[str], filters: Optional[str], all_filters: bool
 @app.command()
 @handle_errors
 def heatmap(
-    explainer: Optional[str] = _EXPLAINER,
+    explainer: Optional[str] = EXPLAINER,
     filters: Optional[str] = typer.Option(None, "--filters", "-f", help="Filters: 150,275 or ranges 0-63."),
     all_filters: bool = typer.Option(False, "--all", help="One picture for every filter of the layer."),
-    method: str = _METHOD,
+    method: str = METHOD,
     images: int = typer.Option(5, "--images", "-n", help="Top images shown per filter."),
     columns: Optional[int] = typer.Option(None, "--columns", help="Images per row (default: up to 5)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the PNGs (default: in the store)."),
-    explain_images: int = _P,
-    words_per_image: int = _S,
-    top: int = _K,
-    dataset: List[str] = _DATASET,
-    split: Optional[str] = _SPLIT,
-    image_dir: Optional[Path] = _IMAGE_DIR,
-    vocab: str = _VOCAB,
-    vocab_size: Optional[int] = _VOCAB_SIZE,
-    device: str = _DEVICE,
-    batch_size: int = _BATCH,
-    precision: str = _PRECISION,
-    retrieval: str = _RETRIEVAL,
-    rank: str = _RANK,
+    explain_images: int = P,
+    words_per_image: int = S,
+    top: int = K,
+    dataset: List[str] = DATASET,
+    split: Optional[str] = SPLIT,
+    image_dir: Optional[Path] = IMAGE_DIR,
+    vocab: str = VOCAB,
+    vocab_size: Optional[int] = VOCAB_SIZE,
+    device: str = DEVICE,
+    batch_size: int = BATCH,
+    precision: str = PRECISION,
+    retrieval: str = RETRIEVAL,
+    rank: str = RANK,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout: PNG paths with the words."),
 ) -> None:
     """Draw each filter's top images with its region highlighted, under the filter's words (one PNG each).
@@ -145,7 +124,7 @@ def heatmap(
                                     words_per_image, top, dataset, split, image_dir, vocab, vocab_size, device,
                                     batch_size, prog, precision, retrieval, rank)
         folder = Path(out_dir).expanduser() if out_dir is not None else \
-            ses.results_dir() / "heatmaps" / f"{method}-{stable_digest(key)[:12]}"
+            result_path(ses, method, key, suffix="", folder="heatmaps")
         paths = heatmap_paths(ses, doc, folder, images, cols=columns, progress=prog)
     if json_out:
         emit_json({
@@ -166,28 +145,28 @@ def heatmap(
 @app.command()
 @handle_errors
 def report(
-    explainer: Optional[str] = _EXPLAINER,
+    explainer: Optional[str] = EXPLAINER,
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="The HTML page (default: in the store); "
                                             "thumbnails go to a folder NAME_files/ beside it."),
     filters: Optional[str] = typer.Option(None, "--filters", "-f", help="Filters: 0-63, 150,275 (default: all)."),
-    method: str = _METHOD,
+    method: str = METHOD,
     images: int = typer.Option(15, "--images", "-n", help="Highlighted images per filter (the paper's raters saw 15)."),
     thumb: int = typer.Option(128, "--thumb", help="Thumbnail size in pixels."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate",
                                   help="Score recall@5/10/20 when the target set is labelled."),
-    explain_images: int = _P,
-    words_per_image: int = _S,
-    top: int = _K,
-    dataset: List[str] = _DATASET,
-    split: Optional[str] = _SPLIT,
-    image_dir: Optional[Path] = _IMAGE_DIR,
-    vocab: str = _VOCAB,
-    vocab_size: Optional[int] = _VOCAB_SIZE,
-    device: str = _DEVICE,
-    batch_size: int = _BATCH,
-    precision: str = _PRECISION,
-    retrieval: str = _RETRIEVAL,
-    rank: str = _RANK,
+    explain_images: int = P,
+    words_per_image: int = S,
+    top: int = K,
+    dataset: List[str] = DATASET,
+    split: Optional[str] = SPLIT,
+    image_dir: Optional[Path] = IMAGE_DIR,
+    vocab: str = VOCAB,
+    vocab_size: Optional[int] = VOCAB_SIZE,
+    device: str = DEVICE,
+    batch_size: int = BATCH,
+    precision: str = PRECISION,
+    retrieval: str = RETRIEVAL,
+    rank: str = RANK,
     json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
 ) -> None:
     """One static HTML page for a whole layer: every filter's words beside its highlighted images.
@@ -221,12 +200,12 @@ def report(
         evaluation = None
         if evaluate and ses.target.labelled and has_ground_truth(ses.target):
             voc = vocabulary_for(ses, vocab, vocab_size)
-            evaluation = nan_to_none(evaluate_methods(ses, [method], voc, cuts=(5, 10, 20), p=doc["settings"]["p"],
-                                                      filters=chosen, progress=prog, retrieval=retrieval, rank=rank))
+            evaluation = evaluate_methods(ses, [method], voc, cuts=(5, 10, 20), p=doc["settings"]["p"],
+                                          filters=chosen, progress=prog, retrieval=retrieval, rank=rank)
         elif evaluate:
             info("the target set has no labels: the report has no recall (use an annotated, preprocessed dataset)")
         page = Path(out_file).expanduser() if out_file is not None else \
-            ses.results_dir() / f"report-{method}-{stable_digest(key)[:12]}.html"
+            result_path(ses, f"report-{method}", key, suffix=".html")
         if page.suffix.lower() not in {".html", ".htm"}:
             page = page.with_suffix(page.suffix + ".html") if page.suffix else page.with_suffix(".html")
         page = build_report(ses, doc, evaluation, page, n_images=images, thumb=thumb, progress=prog)
