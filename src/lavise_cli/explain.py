@@ -226,6 +226,34 @@ def _predicted_vectors(g: Any, cache: TargetCache, filt: torch.Tensor, top: torc
     chunk = _chunk_size(p, d, h * w)
     out: torch.Tensor | None = None
     task = progress.add_task(f"explaining ({method.name})", total=nf, unit="filter") if progress is not None else None
+    if maps is not None:
+        # Rows of one image share its map: each image's rows see it as a broadcast view, so the
+        # maps are never copied once per (filter, image) row.
+        pos = inv.reshape(-1)
+        fr_all = filt.repeat_interleave(p)
+        order = torch.argsort(pos, stable=True)
+        counts = torch.bincount(pos, minlength=len(uniq)).tolist()
+        z_all: torch.Tensor | None = None
+        start = 0
+        for j, n in enumerate(counts):
+            if n == 0:
+                continue
+            sel = order[start:start + n]
+            start += n
+            z = method.map_inputs(maps[j:j + 1].expand(n, -1, -1, -1), fr_all[sel], cache.threshold)
+            if z_all is None:
+                z_all = torch.empty(len(pos), z.shape[1], dtype=z.dtype)
+            z_all[sel] = z
+        assert z_all is not None
+        for c0 in range(0, len(pos), 8192):
+            v = g(z_all[c0:c0 + 8192])
+            if out is None:
+                out = torch.zeros(nf * p, v.shape[1])
+            out[c0:c0 + len(v)] = v
+        if task is not None:
+            progress.advance(task, nf)
+        assert out is not None
+        return out.view(nf, p, -1)
     for c0 in range(0, nf, chunk):
         fc = filt[c0:c0 + chunk]
         rows = inv[c0:c0 + chunk].reshape(-1)  # (c*p,) positions in uniq

@@ -62,7 +62,7 @@ def result_path(session: Session, kind: str, key: Any, suffix: str = ".json", fo
 def save_result(session: Session, kind: str, doc: dict[str, Any], key: dict[str, Any]) -> Path:
     """Write ``doc`` (NaN as null) to :func:`result_path` and return the path."""
     path = result_path(session, kind, key)
-    atomic_write_json(path, nan_to_none(doc))
+    atomic_write_json(path, nan_to_none(doc), compact=True)
     return path
 
 

@@ -197,8 +197,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_json(path: Path, obj: Any, *, compact: bool = False) -> None:
+    """Write JSON atomically: indented and key-sorted (manifests), or ``compact`` (large result documents)."""
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=2, sort_keys=True)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def stable_digest(obj: Any) -> str:
