@@ -24,7 +24,7 @@ import torchvision.transforms.v2.functional as TF2
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from lavise_cli import features as features_mod
+from lavise_cli.passes import features as features_mod
 from lavise_cli.data.images import named_views
 from lavise_cli.data.index import DatasetIndex, load_index, preprocess
 from lavise_cli.download import register_coco

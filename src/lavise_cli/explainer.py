@@ -43,15 +43,16 @@ class Explainer(nn.Module):
         return F.normalize(self.net(z), dim=-1, eps=1e-12)
 
 
-def hinge_rank_loss(v_hat: torch.Tensor, target: torch.Tensor, concepts: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+def hinge_rank_loss(v_hat: torch.Tensor, labels: torch.Tensor, concepts: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     """``mean_b sum_{c != t_b} max(0, margin - v_b . v_{t_b} + v_b . v_c)``, all negatives at once.
 
-    ``v_hat`` (B, e) unit vectors, ``target`` (B,) indices into ``concepts`` (C, e) unit vectors.
+    ``v_hat`` (B, e) unit vectors, ``labels`` (B,) each pair's concept ``t_b``: indices into
+    ``concepts`` (C, e) unit vectors.
     """
     s = v_hat @ concepts.T  # (B, C)
-    pos = s.gather(1, target[:, None])
+    pos = s.gather(1, labels[:, None])
     loss = (margin - pos + s).clamp_min(0.0)
-    loss = loss.masked_fill(F.one_hot(target, concepts.shape[0]).bool(), 0.0)
+    loss = loss.masked_fill(F.one_hot(labels, concepts.shape[0]).bool(), 0.0)
     return loss.sum(1).mean()
 
 

@@ -20,7 +20,7 @@ from .data.index import DatasetIndex, seen_split, load_index
 from .embeddings import Embedding, load_embedding
 from .errors import LaviseError
 from .explainer import EXPLAINER_FILE, Explainer, hinge_rank_loss, save_explainer
-from .features import reference_features
+from .passes.features import reference_features
 from .models import check_ignored, default_layer, load_model, resolve_layer
 from .runtime import resolve_device, resolve_precision
 from .store import Store, stable_digest, temp_sibling
@@ -83,7 +83,7 @@ def validation_split(group: torch.Tensor, settings: TrainSettings, gen: torch.Ge
 
 def train_explainer(
     feats: torch.Tensor,
-    target: torch.Tensor,
+    labels: torch.Tensor,
     group: torch.Tensor,
     concept_vectors: torch.Tensor,
     settings: TrainSettings,
@@ -106,7 +106,7 @@ def train_explainer(
     if len(tr_idx) < 2:
         raise LaviseError("too few training pairs to train an explainer (need at least 2)")
     z = feats.float().to(device)
-    t = target.long().to(device)
+    t = labels.long().to(device)  # each pair's concept: the loss's class labels
     cv = concept_vectors.float().to(device)
     model = Explainer(z.shape[1], cv.shape[1]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -271,24 +271,24 @@ def train(
     results = []
     ds_label = "+".join(datasets)
     for layer in layers:
-        zs, ts, gs = [], [], []
+        zs, label_parts, gs = [], [], []
         for k, (ix, fs) in enumerate(zip(indexes, per_ds)):
             f = fs[layer]
             local = torch.tensor([cidx.get(c, -1) for c in ix.concepts], dtype=torch.long)
-            tg = local[f.concept]
-            keep = tg >= 0
+            label = local[f.concept]  # each pair's concept in the merged list (-1: none)
+            keep = label >= 0
             if settings.seen_fraction is not None:
-                keep &= torch.tensor(seen, dtype=torch.bool)[tg.clamp_min(0)]
+                keep &= torch.tensor(seen, dtype=torch.bool)[label.clamp_min(0)]
             zs.append(f.z[keep])
-            ts.append(tg[keep])
+            label_parts.append(label[keep])
             gs.append(f.image[keep] + k * 10_000_000)
-        z, tgt, grp = torch.cat(zs), torch.cat(ts), torch.cat(gs)
+        z, labels, grp = torch.cat(zs), torch.cat(label_parts), torch.cat(gs)
         train_mask = torch.tensor(seen, dtype=torch.bool) if settings.seen_fraction is not None else torch.ones(len(concepts), dtype=torch.bool)
         # The loss ranks against the training concepts only (the seen ones in the novel-concept setting).
         train_concepts = torch.nonzero(train_mask).squeeze(1)
         remap = torch.full((len(concepts),), -1, dtype=torch.long)
         remap[train_concepts] = torch.arange(len(train_concepts))
-        tgt_train = remap[tgt]
+        labels_train = remap[labels]
         ex_name = name if (name and len(layers) == 1) else (f"{name}-{layer}" if name else f"{_slug(model.name)}-{layer}-{ds_label}")
         ex_name = _slug(ex_name)
         # The checkpoint folder is locked, so a concurrent identical run waits instead of deleting it.
@@ -302,12 +302,12 @@ def train(
             (checkpoint_dir / "run.json").write_text(json.dumps({"key": run_key}))
             t1 = time.perf_counter()
             module, losses, best_epoch = train_explainer(
-                z, tgt_train, grp, cvecs[train_concepts], settings, device=dev,
+                z, labels_train, grp, cvecs[train_concepts], settings, device=dev,
                 checkpoint=checkpoint_dir / "checkpoint.pt", resume=resume, progress=progress, on_epoch=on_epoch)
             t_train = time.perf_counter() - t1
             tr_idx, va_idx = validation_split(grp, settings)  # the split train_explainer made, for the counts
             best_val = min((r["val"] for r in losses), default=float("nan"))
-            counts = torch.bincount(tgt, minlength=len(concepts)).tolist()
+            counts = torch.bincount(labels, minlength=len(concepts)).tolist()
             meta = {
                 "format": "lavise-explainer/1",
                 "lavise_version": __version__,
