@@ -1,14 +1,12 @@
-"""The target pass (src/lavise_cli/target.py): the exact 0.995-quantile threshold, streamed.
+"""The target pass (src/lavise_cli/passes/target.py): the exact 0.995-quantile threshold, streamed.
 
-``RunningTopK`` is checked against ``torch.quantile`` on data small enough for it (uneven
-batches, heavy ties, ReLU6-saturated rows, all-zero rows); ``target_pass`` on a generated image
+(``RunningTopK`` itself is tested in test_stats.py.)  ``target_pass`` on a generated image
 folder with a small factory model is checked against the cached maps and against the model run
 by hand, and corrupt images are skipped and counted.
 """
 
 from __future__ import annotations
 
-import math
 import textwrap
 from pathlib import Path
 
@@ -21,126 +19,9 @@ from lavise_cli.data.images import View, apply_view_image, normalize, read_rgb
 from lavise_cli.errors import LaviseError
 from lavise_cli.models import load_model
 from lavise_cli.store import Store
-from lavise_cli.target import QUANTILE, SHARD_IMAGES, RunningTopK, folder_target, target_pass
+from lavise_cli.passes.target import SHARD_IMAGES, folder_target, target_pass
 
-UNEVEN = (1, 7, 300, 13, 2, 64, 5)
-
-
-def _stream(x: torch.Tensor, k: int, sizes=UNEVEN) -> RunningTopK:
-    r = RunningTopK(x.shape[0], k)
-    i = j = 0
-    while i < x.shape[1]:
-        s = sizes[j % len(sizes)]
-        r.add(x[:, i:i + s])
-        i += s
-        j += 1
-    assert r.count == x.shape[1]
-    return r
-
-
-def _ulp(t: torch.Tensor) -> torch.Tensor:
-    """Spacing of float32 at ``t``."""
-    t = t.float()
-    return (torch.nextafter(t, torch.full_like(t, math.inf)) - t).abs()
-
-
-def _assert_exact_quantile(got: torch.Tensor, x: torch.Tensor, q: float = QUANTILE) -> None:
-    """``got`` is the q-quantile of each row of ``x``: torch.quantile computed in float64 and
-    rounded to float32 (within one float32 spacing), and torch.quantile in float32 within the
-    error of its own float32 rank arithmetic."""
-    exact = torch.quantile(x.double(), q, dim=1)
-    err = (got.double() - exact).abs()
-    assert (err <= _ulp(exact).double()).all(), (got, exact)
-    f32 = torch.quantile(x.float(), q, dim=1)
-    assert torch.allclose(got, f32, rtol=0, atol=1e-5 * max(1.0, float(x.abs().max()))), (got, f32)
-
-
-def _data(seed: int, kind: str, n: int, d: int = 6) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(d, n, generator=g)
-    if kind == "ties":  # few distinct values: the quantile's neighbours are usually equal
-        x = torch.randint(0, 4, (d, n), generator=g).float() * 0.25
-    elif kind == "relu6":  # saturated at the cap: the top 0.5 % is all 6.0
-        x = (torch.relu(x) * 8.0).clamp(max=6.0)
-        x[1] = 0.0  # a dead filter: every value 0
-        x[2, : n // 2] = 6.0
-    elif kind == "mixed":
-        x[0] = 0.0
-        x[3] = x[3].round()
-    return x
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-@pytest.mark.parametrize("kind", ["continuous", "ties", "relu6", "mixed"])
-def test_running_topk_equals_torch_quantile_uneven_batches(seed: int, kind: str) -> None:
-    n = [201, 544, 1000, 2831][seed]
-    x = _data(seed, kind, n)
-    r = _stream(x, RunningTopK.k_for(n))
-    got = r.quantile(QUANTILE)
-    assert got.shape == (x.shape[0],)
-    _assert_exact_quantile(got, x)
-    if kind in ("ties", "relu6"):
-        # With tied neighbours the interpolation is a no-op: bit-exact even against float32 torch.quantile.
-        assert torch.equal(got, torch.quantile(x, QUANTILE, dim=1))
-    if kind == "relu6":
-        assert float(got[1]) == 0.0  # all-zero row
-        assert float(got[2]) == 6.0  # half the row at the cap
-
-
-def test_running_topk_batching_does_not_matter() -> None:
-    x = _data(7, "continuous", 1500)
-    k = RunningTopK.k_for(1500)
-    a = _stream(x, k, sizes=(1,) * 3 + (1497,)).quantile()
-    b = _stream(x, k, sizes=(1500,)).quantile()
-    c = _stream(x, k, sizes=(3, 11, 1, 250)).quantile()
-    assert torch.equal(a, b) and torch.equal(b, c)
-    # Column order of the stream does not matter either.
-    perm = torch.randperm(1500, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(_stream(x[:, perm], k).quantile(), b)
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 10, 199, 200, 201, 1000, 4001])
-def test_k_for_is_enough(n: int) -> None:
-    x = _data(n, "continuous", n, d=3)
-    k = RunningTopK.k_for(n)
-    assert k <= n + 1
-    # The buffer never holds more than k values, yet the quantile is exact.
-    r = _stream(x, k)
-    assert r.values.shape[1] == min(k, n)
-    _assert_exact_quantile(r.quantile(), x)
-    # ...and k_for is about what it takes: it grows like 0.5 % of n.
-    assert k <= math.ceil((1 - QUANTILE) * n) + 2
-
-
-def test_too_small_buffer_is_refused_not_wrong() -> None:
-    n = 2000
-    x = _data(3, "continuous", n)
-    r = _stream(x, 3)  # k_for(2000) is 12
-    with pytest.raises(ValueError):
-        r.quantile(QUANTILE)
-
-
-def test_running_topk_other_quantiles_and_errors() -> None:
-    x = _data(5, "continuous", 400)
-    r = _stream(x, 400)  # keeps everything: any quantile
-    for q in (0.0, 0.5, 0.9, 0.995, 1.0):
-        _assert_exact_quantile(r.quantile(q), x, q)
-    with pytest.raises(ValueError):
-        RunningTopK(3, 5).quantile()
-    with pytest.raises(ValueError):
-        RunningTopK(3, 5).add(torch.zeros(4, 2))
-
-
-def test_running_topk_state_roundtrip() -> None:
-    x = _data(9, "continuous", 900)
-    r = _stream(x[:, :500], RunningTopK.k_for(900))
-    r2 = RunningTopK(x.shape[0], 1)
-    r2.load_state_dict(r.state_dict())
-    r.add(x[:, 500:])
-    r2.add(x[:, 500:])
-    assert torch.equal(r.quantile(), r2.quantile())
-    _assert_exact_quantile(r2.quantile(), x)
-
+from test_stats import assert_exact_quantile as _assert_exact_quantile
 
 # ----------------------------------------------------------------------------------------------
 # target_pass on a generated folder
