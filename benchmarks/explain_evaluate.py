@@ -4,7 +4,7 @@ On generated labelled images (default 1,000 of 320x240, ~3 masks each, 20 concep
 resnet18 layer4 (512 filters, random seeded weights): a quick explainer is trained on a separate
 generated train split (``lavise_cli.train.train``, a few epochs); then, in one process,
 
-- the target pass (``lavise_cli.target.target_pass``, a cache miss),
+- the target pass (``lavise_cli.passes.target.target_pass``, a cache miss),
 - explaining all 512 filters (``lavise_cli.explain.explain_filters``, method attention, p=25,
   s=5, the default vocabulary) on the cached target pass; issue 4's bar: under 10 s,
 - evaluating them (``lavise_cli.pipeline.evaluate_methods`` with methods ["attention"], recall
@@ -37,7 +37,7 @@ from lavise_cli.evaluate import ConceptSpace, ground_truth  # noqa: E402
 from lavise_cli.explain import explain_filters, top_images  # noqa: E402
 from lavise_cli.models import load_model  # noqa: E402
 from lavise_cli.pipeline import evaluate_methods, open_session, vocabulary_for  # noqa: E402
-from lavise_cli.target import labelled_target, target_pass  # noqa: E402
+from lavise_cli.passes.target import labelled_target, target_pass  # noqa: E402
 from lavise_cli.train import TrainSettings, train  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Images/s of lavise's feature pass against a bare ``model(x)`` loop, in the same process.
 
-The feature pass (``lavise_cli.features.reference_features``) decodes every image of a split,
+The feature pass (``lavise_cli.passes.features.reference_features``) decodes every image of a split,
 decodes and transforms its masks, runs the backbone to the layer and mask-pools every
 (image, concept) pair, writing fp16 shards to the store.  The bare loop runs ``model(x)`` under
 ``torch.inference_mode`` over the very same input tensors, decoded beforehand, in the same
@@ -28,7 +28,7 @@ from _common import (  # noqa: E402
     Timer, bare_forward, decoded_batches, environment, load, synthetic_dataset, table, temp_store,
 )
 
-from lavise_cli.features import reference_features  # noqa: E402
+from lavise_cli.passes.features import reference_features  # noqa: E402
 from lavise_cli.models import load_model  # noqa: E402
 from lavise_cli.runtime import PRECISIONS, cpu_native_bf16, resolve_precision  # noqa: E402
 

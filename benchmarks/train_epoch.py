@@ -38,7 +38,7 @@ from _common import (  # noqa: E402
 from lavise_cli.data.images import View, apply_view_masks  # noqa: E402
 from lavise_cli.embeddings import load_embedding  # noqa: E402
 from lavise_cli.explainer import Explainer, hinge_rank_loss  # noqa: E402
-from lavise_cli.features import feature_grids, pooled_masked  # noqa: E402
+from lavise_cli.passes.features import feature_grids, pooled_masked  # noqa: E402
 from lavise_cli.models import capture, load_model  # noqa: E402
 from lavise_cli.train import TrainSettings, merged_concepts, train, train_explainer  # noqa: E402
 
