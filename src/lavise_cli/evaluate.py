@@ -11,7 +11,7 @@ from .data.images import View, masks_at
 from .errors import LaviseError
 from .embeddings import Vocabulary
 from .explain import regions
-from .target import TargetCache, TargetSet
+from .passes.target import TargetCache, TargetSet
 
 IOU_THRESHOLD = 0.04
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .embeddings import Vocabulary
 from .errors import LaviseError
 from .explainer import LoadedExplainer
-from .target import TargetCache
+from .passes.target import TargetCache
 
 # Defined there so that the CLI reads them without torch.
 from .defaults import DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_RETRIEVAL, METHODS, RANKS, RETRIEVALS  # noqa: E402,F401

@@ -26,7 +26,7 @@ from .explain import (Explanation, activation_mask_inputs, attention_inputs, div
                       original_inputs, top_images)
 from .results import nan_to_none
 from .session import Session, has_ground_truth
-from .target import TargetSet
+from .passes.target import TargetSet
 
 # Words per image behind the diversity figures of `evaluate`: explain's default -s.
 DIVERSITY_S = 5

@@ -18,7 +18,7 @@ from .explainer import EXPLAINER_FILE, LoadedExplainer, load_explainer
 from .models import TargetModel, load_model
 from .runtime import resolve_device, resolve_precision
 from .store import Entry, Store
-from .target import TargetCache, TargetSet, folder_target, labelled_target, target_pass
+from .passes.target import TargetCache, TargetSet, folder_target, labelled_target, target_pass
 
 
 @dataclass
