@@ -34,21 +34,33 @@ def die_with_parent(parent: int) -> None:
         threading.Thread(target=_watch, args=(parent,), daemon=True, name="lavise-parent-watch").start()
 
 
-def _alive(pid: int) -> bool:
+def proc_stat(pid: int) -> tuple[str, str] | None:
+    """``(state, start time)`` of ``pid`` from /proc (Linux), or None when it is not there."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2:].split()
+    return fields[0], fields[19]
+
+
+def process_alive(pid: int, start: str | None = None) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not); with ``start`` (its start
+    time from /proc, "0" for unknown), whether it is still that same process and not a reused pid."""
+    if os.path.exists("/proc/self/stat"):
+        st = proc_stat(pid)
+        return st is not None and st[0] not in ("Z", "X") and (start in (None, "0") or st[1] == start)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
         return True
-    try:  # a zombie (dead, not yet reaped) answers signal 0 too
-        raw = open(f"/proc/{pid}/stat").read()
-        return raw[raw.rfind(")") + 2:][:1] not in ("Z", "X")
-    except OSError:
-        return True
+    return True
 
 
 def _watch(parent: int, every: float = 1.0) -> None:
-    while _alive(parent):
+    while process_alive(parent):
         time.sleep(every)
     os._exit(1)

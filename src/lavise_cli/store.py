@@ -42,6 +42,7 @@ from platformdirs import user_cache_dir, user_data_dir
 
 from . import __version__
 from .errors import LaviseError
+from .procs import proc_stat, process_alive
 
 DATA_KINDS = ("datasets", "indexes", "embeddings", "explainers", "results")
 CACHE_KINDS = ("features", "targets")
@@ -96,20 +97,10 @@ _TEMP = re.compile(r"^\.(tmp|old|extract)-|\.(tmp|old)@|\.tmp$")
 _UNTAGGED_AGE = 3600.0  # seconds after which an untagged temporary (an older version's) counts as dead
 
 
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    """``(state, start time)`` of ``pid`` from /proc (Linux), or None when it is not there."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2:].split()
-    return fields[0], fields[19]
-
-
 def writer_tag() -> str:
     """A fresh tag naming a temporary after this process (see :func:`writer_alive`)."""
     pid = os.getpid()
-    st = _proc_stat(pid)
+    st = proc_stat(pid)
     return f"@{pid}_{st[1] if st else 0}_{uuid.uuid4().hex[:6]}"
 
 
@@ -126,17 +117,7 @@ def writer_alive(name: str) -> bool | None:
     pid, start = int(m.group(1)), m.group(2)
     if pid == os.getpid():
         return True
-    if Path("/proc/self/stat").exists():
-        st = _proc_stat(pid)
-        # a zombie (killed, not yet reaped) writes no more; another start time is another process
-        return st is not None and st[0] not in ("Z", "X") and (start == "0" or st[1] == start)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
+    return process_alive(pid, start)
 
 
 def is_temporary(name: str) -> bool:
