@@ -91,6 +91,7 @@ def open_session(
     datasets: Sequence[str] = (),
     split: str | None = None,
     images: Path | None = None,
+    target: TargetSet | None = None,
     model: str | None = None,
     layer: str | None = None,
     device: str = "auto",
@@ -101,7 +102,8 @@ def open_session(
 ) -> Session:
     """Load the explainer (default: the latest), check it fits, and run (or reuse) the target pass.
 
-    The target set is ``images`` (a plain folder), else the ``split`` of ``datasets``, else the
+    The target set is ``target`` (an :class:`~lavise_cli.passes.target.ImageSet` made by the caller,
+    e.g. the union of ``compare groups``' images), else ``images`` (a plain folder), else the ``split`` of ``datasets``, else the
     ``split`` of the datasets the explainer was trained on.  ``split=None`` takes each dataset's
     target split: ``val``, or the held-out part of a dataset without a train split.  ``precision``
     (auto, fp32, bf16, fp16) is the backbone's, see :func:`lavise_cli.runtime.resolve_precision`.
@@ -117,7 +119,9 @@ def open_session(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     tm = model_for(meta)
-    if images is not None:
+    if target is not None:
+        pass
+    elif images is not None:
         target = folder_target(images)
     else:
         names = list(datasets) or list(meta["datasets"])

@@ -5,3 +5,14 @@ the methods as they are, and returns plain results that the CLI prints and pages
 comparisons of image groups and of models (paper §4.6, §4.5.5), class-relevant filters (Oramas
 et al., ICLR 2019).  Nothing here is imported by the core pipeline.
 """
+
+from __future__ import annotations
+
+from .compare import (Group, RowWords, activation_correlation, compare_groups, compare_models, group_paths,  # noqa: E402
+                      group_statistics, learned_concepts, make_groups, match_filters, parse_group_specs,
+                      read_groups_file, union_set)
+from .stats import benjamini_hochberg, fisher, proportion_test, z_test  # noqa: E402
+
+__all__ = ["Group", "RowWords", "activation_correlation", "compare_groups", "compare_models", "group_paths",
+           "group_statistics", "learned_concepts", "make_groups", "match_filters", "parse_group_specs",
+           "read_groups_file", "union_set", "benjamini_hochberg", "fisher", "proportion_test", "z_test"]
