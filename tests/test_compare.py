@@ -140,7 +140,7 @@ def colour(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("compare")
     store = Store(base / "home")
     with one_thread():
-        write_split(base / "coco", "train", 40, seed=10)
+        write_split(base / "coco", "train", 30, seed=10)
         write_split(base / "coco", "val", 12, seed=11)
         register_coco(store, base / "coco", "planted")
         register_embedding(store, write_glove(base / "glove.50d.txt", WORDS, dim=50), name="g50")
@@ -149,7 +149,7 @@ def colour(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         factory.write_text(FACTORY)
         for name, seed in (("colournet", 0), ("colournet-b", 1)):
             train(store, f"{factory}:build", ["planted"], layers=["feat"], weights="none", name=name,
-                  settings=TrainSettings(epochs=40, patience=10, batch_size=32, lr=3e-3, seed=seed), device="cpu",
+                  settings=TrainSettings(epochs=30, patience=10, batch_size=32, lr=3e-3, seed=seed), device="cpu",
                   workers=0)
     rng = np.random.default_rng(5)
     for i in range(12):
@@ -158,6 +158,7 @@ def colour(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"store": store, "base": base, "cli": Cli(store.root)}
 
 
+@pytest.mark.slow  # the module's fixture trains two small explainers (~5-15 s)
 def test_planted_filter_ranks_first(colour: dict[str, Any]) -> None:
     base, cli = colour["base"], colour["cli"]
     args = ["compare", "groups", "-e", "colournet", "--group", f"red={base / 'red'}", "--group",
@@ -206,6 +207,7 @@ def test_planted_filter_ranks_first(colour: dict[str, Any]) -> None:
     assert "served from the cache" in res.stderr and "more often active on red than on plain" in res.stdout
 
 
+@pytest.mark.slow  # the module's fixture trains two small explainers (~5-15 s)
 def test_groups_file_and_dataset_sources(colour: dict[str, Any]) -> None:
     base, cli, store = colour["base"], colour["cli"], colour["store"]
     assert len(group_paths(store, "v", "planted:val")) == 12
@@ -220,6 +222,7 @@ def test_groups_file_and_dataset_sources(colour: dict[str, Any]) -> None:
     assert doc["filters"][0]["filter"] == RED
 
 
+@pytest.mark.slow  # the module's fixture trains two small explainers (~5-15 s)
 def test_bad_group_inputs(colour: dict[str, Any]) -> None:
     base, cli = colour["base"], colour["cli"]
     red, plain = base / "red", base / "plain"
@@ -236,10 +239,13 @@ def test_bad_group_inputs(colour: dict[str, Any]) -> None:
     for i in range(2):
         (bad / f"x{i}.jpg").parent.mkdir(parents=True, exist_ok=True)
         (bad / f"x{i}.jpg").write_bytes(b"not an image")
-    with one_thread():
-        assert_clear_error(run("--group", f"a={plain}", "--group", f"b={bad}"), "'b' has no readable image")
+    with one_thread():  # found after the pass (-q: no progress lines)
+        res = cli("-q", "compare", "groups", "-e", "colournet", "--device", "cpu", "--group", f"a={plain}", "--group",
+                  f"b={bad}")
+        assert_clear_error(res, "'b' has no readable image")
 
 
+@pytest.mark.slow  # the module's fixture trains two small explainers (~5-15 s)
 def test_compare_models_matches_one_model_to_itself(colour: dict[str, Any]) -> None:
     cli = colour["cli"]
     with one_thread():
@@ -253,11 +259,16 @@ def test_compare_models_matches_one_model_to_itself(colour: dict[str, Any]) -> N
         assert sum(m["words"].values()) == m["active_filters"]
     assert set(doc["shared"]) == set(a["words"]) & set(b["words"])
     assert set(doc["only"]["colournet"]) == set(a["words"]) - set(b["words"])
-    # One model under two explainers: each varying filter matches itself, correlation 1.
+    # One model under two explainers: each filter whose maximum varies over the images matches
+    # itself with correlation 1 (a constant one, e.g. the sky channel saturating everywhere,
+    # correlates 0 with everything).
     matched = {m["a"]: m for m in doc["matches"]}
-    assert len(matched) == 6
-    for u in (0, 1, 2, 3):
+    assert len(matched) == 6 and sorted(m["b"] for m in doc["matches"]) == list(range(6))
+    varying = [u for u, m in matched.items() if m["correlation"] != 0]
+    assert {RED, 3} <= set(varying), matched
+    for u in varying:
         assert matched[u]["b"] == u and matched[u]["correlation"] == pytest.approx(1.0), matched[u]
+    assert doc["matching"]["mean_correlation"] == pytest.approx(len(varying) / 6, abs=1e-3)
     page = Path(doc["page"]).read_text()
     assert "Filters matched across the models" in page and "shared concepts" in page
     res = cli("compare", "models", "colournet", "colournet", "--device", "cpu")
