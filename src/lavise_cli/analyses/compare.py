@@ -371,6 +371,7 @@ def compare_groups(
         "precision": ses.precision,
         "groups": {g.name: {"images": read_per_group[g.name], "listed": len(g.paths), "source": g.source}
                    for g in groups},
+        "images_trained_on": ses.overlap,
         "threshold": "0.995 quantile of each filter's activations over the union of the groups",
         "qualified": "image maximum activation >= threshold",
         "vocabulary": voc.describe(),

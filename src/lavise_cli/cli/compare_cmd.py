@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..errors import LaviseError
 from .app import app
-from .common import emit_json, handle_errors, info, lazy, out, progress, state
+from .common import emit_json, handle_errors, info, lazy, out, progress, state, warn_trained_on
 from .options import BATCH, DATASET, DEVICE, EXPLAINER, PRECISION, RANK, RETRIEVAL, SPLIT, VOCAB, VOCAB_SIZE
 
 compare_groups = lazy("analyses.compare", "compare_groups")
@@ -86,6 +86,7 @@ def groups_cmd(
         doc, ses = compare_groups(state.store, groups, explainer, top=top, p=explain_images, s=words_per_image,
                                   k=words, images=images, vocab=vocab, vocab_size=vocab_size, retrieval=retrieval,
                                   rank=rank, device=device, batch_size=batch_size, precision=precision, progress=prog)
+        warn_trained_on(ses)
         if out_dir is not None:
             doc["page"] = str(write_groups_page(ses.cache, doc, out_dir, thumb))
     if json_out:
@@ -110,18 +111,20 @@ def groups_cmd(
             t.add_column(f"share {fav}", justify="right")
             t.add_column(f"share {other}", justify="right")
             t.add_column("difference", justify="right")
+            t.add_column("p", justify="right")
             t.add_column("q", justify="right")
             t.add_column("words ([magenta]*[/] novel)")
             for f in rows:
                 q = f["q_value"]
                 t.add_row(str(f["filter"]), f"{f['shares'][fav]:.2f}", f"{f['shares'][other]:.2f}",
-                          f"{f['shares'][fav] - f['shares'][other]:+.2f}",
+                          f"{f['shares'][fav] - f['shares'][other]:+.2f}", f"{f['p_value']:.2g}",
                           f"[green]{q:.3g}[/]" if q < 0.05 else f"{q:.3g}",
                           ", ".join(f"[magenta]{w['word']}*[/]" if w["novel"] else w["word"] for w in f["words"]))
             if not rows:
                 t.caption = "no filter"
             out.print(t)
-    info("share = images whose maximum activation reaches T; q: Benjamini-Hochberg over all tests; "
+    info("share = images whose maximum activation reaches T; p: Fisher's exact test (small counts) or the "
+         "two-proportion z-test; q: Benjamini-Hochberg over all tests; "
          "an association in these images, not a cause")
     if "page" in doc:
         out.print(f"page {doc['page']}", highlight=False, soft_wrap=True)
@@ -166,10 +169,12 @@ def models_cmd(
     if top < 1:
         raise LaviseError("--top must be at least 1")
     with progress() as prog:
-        doc, ses_a, _ = compare_models(state.store, explainer_a, explainer_b, datasets=dataset, split=split,
+        doc, ses_a, ses_b = compare_models(state.store, explainer_a, explainer_b, datasets=dataset, split=split,
                                        vocab=vocab, vocab_size=vocab_size, p=explain_images, s=words_per_image,
                                        k=words, retrieval=retrieval, rank=rank, device=device,
                                        batch_size=batch_size, precision=precision, progress=prog)
+        warn_trained_on(ses_a)
+        warn_trained_on(ses_b)
         if out_dir is not None:
             doc["page"] = str(write_models_page(doc, out_dir))
     if json_out:
