@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..defaults import DEFAULT_RANK, DEFAULT_RETRIEVAL
+from ..defaults import DEFAULT_METHOD, DEFAULT_RANK, DEFAULT_RETRIEVAL  # DEFAULT_METHOD: filter attention
 from ..embeddings import Vocabulary, build_vocabulary, load_embedding
 from ..errors import LaviseError
 from ..explain import (_predicted_vectors, attention_inputs, nearest_words, rank_words, retrieval_stats,
@@ -220,7 +220,7 @@ class RowWords:
         self.s = min(s, V)
         top = top_images(cache, p)
         self.p_bg = int(top.shape[1])
-        vecs = _predicted_vectors(self.g, cache, torch.arange(d), top, get_method("attention"), None, progress)
+        vecs = _predicted_vectors(self.g, cache, torch.arange(d), top, get_method(DEFAULT_METHOD), None, progress)
         active = cache.threshold > 0
         e = vecs.shape[2]
         self.stats = retrieval_stats(vecs[active].reshape(-1, e), self.vv, retrieval)
@@ -480,7 +480,7 @@ def compare_models(
     explained = {}
     for name, ses in ((entry_a.name, ses_a), (entry_b.name, ses_b)):
         d = ses.cache.shape[0]
-        ex = run_explain(ses, list(range(d)), "attention", voc, p=p, s=s, k=k, progress=progress,
+        ex = run_explain(ses, list(range(d)), DEFAULT_METHOD, voc, p=p, s=s, k=k, progress=progress,
                          retrieval=retrieval, rank=rank)
         explained[name] = ex
         lc = learned_concepts(ex.words, ex.inactive)
@@ -497,7 +497,7 @@ def compare_models(
         "target": ses_a.target.description,
         "target_images": ses_a.cache.n,
         "vocabulary": voc.describe(),
-        "settings": {"p": p, "s": s, "k": k, "retrieval": retrieval, "rank": rank, "method": "attention"},
+        "settings": {"p": p, "s": s, "k": k, "retrieval": retrieval, "rank": rank, "method": DEFAULT_METHOD},
         "models": models,
         "shared": order(wa & wb),
         "only": {a: order(wa - wb), b: order(wb - wa)},
