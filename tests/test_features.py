@@ -328,9 +328,9 @@ def test_interrupted_pass_resumes_and_equals_an_uninterrupted_one(
     assert not st_b.exists("features", key)
     partials = list(st_b.kind_dir("features").glob(".partial-*"))
     assert len(partials) == 1
-    state = json.loads((partials[0] / "state.json").read_text())
+    state = json.loads((partials[0] / "state-p000000000.json").read_text())
     assert state["next"] == 2 and state["shards"] == 2
-    assert len(list((partials[0] / key).glob("z-*.safetensors"))) == 2
+    assert len(list((partials[0] / key).glob("z-p000000000-*.safetensors"))) == 2
 
     count = _Interrupt(real_read, at=None)
     monkeypatch.setattr(features_mod, "read_rgb", count)

@@ -161,11 +161,14 @@ def test_an_interrupted_pass_resumes_and_equals_an_uninterrupted_one(tmp_path: P
         run(store, Numbers(stop_at=14), [RowShards(4), Moments()])  # interrupted in the 5th batch
     assert not store.exists("features", "k")
     (partial,) = store.kind_dir("features").glob(".partial-*")
-    state = json.loads((partial / "state.json").read_text())
+    assert json.loads((partial / "state.json").read_text())["keys"] == ["k"]  # what the sweep reads
+    # one process: one piece, from item 0 to the end
+    state = json.loads((partial / "state-p000000000.json").read_text())
     # 4 rows are due after batches 2 (items 0-5, one unreadable) and 4 (6-11): items 0-11 are kept
-    assert state["next"] == 12 and state["shards"] == 2 and state["skipped"] == [5] and state["keys"] == ["k"]
-    assert len(list((partial / "k").glob("rows-*.safetensors"))) == 2
-    assert (partial / "sink-1.safetensors").exists()  # the moments' state
+    assert state["next"] == 12 and state["shards"] == 2 and state["skipped"] == [5] and not state["done"]
+    assert (state["start"], state["stop"]) == (0, N)
+    assert len(list((partial / "k").glob("rows-p000000000-*.safetensors"))) == 2
+    assert (partial / "sink-1-p000000000.safetensors").exists()  # the moments' state
 
     resumed_ds, moments = Numbers(), Moments()
     r = run(store, resumed_ds, [RowShards(4), moments])
@@ -209,8 +212,9 @@ def test_rank_parts_cover_every_item_exactly_once(tmp_path: Path, world: int) ->
         assert r.ran and r.published == (rank == world - 1)
         assert store.exists("features", "k") == (rank == world - 1), "published before every part ran"
     assert sorted(reads) == list(range(N)), "an item was read by no part or by two"
+    # each part wrote its own pieces' shards; published, they are numbered in item order
     names = sorted(p.name for p in store.path("features", "k").glob("rows-*.safetensors"))
-    assert {n.split("-")[1] for n in names} == {f"r{r:03d}" for r in range(world)}
+    assert names == [f"rows-{i:05d}.safetensors" for i in range(len(names))] and len(names) >= world
     got, ref = published(store), published(ref_store)
     assert got["index"].tolist() == ref["index"].tolist()  # every readable item once, in order
     torch.testing.assert_close(got["z"], ref["z"])  # other batches: the same to float rounding

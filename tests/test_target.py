@@ -148,9 +148,10 @@ def test_target_pass_maps_span_several_shards(tmp_path: Path, tiny_model) -> Non
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)).save(folder / f"m{i:04d}.png")
     store = Store(tmp_path / "home")
-    cache = target_pass(store, tiny_model, "feat", folder_target(folder), batch_size=50, workers=0)
+    # a shard per checkpoint, due once SHARD_IMAGES rows are waiting: 256 rows, then 9
+    cache = target_pass(store, tiny_model, "feat", folder_target(folder), batch_size=32, workers=0)
     assert cache.n == n
-    assert len(list(cache.root.glob("maps-*.safetensors"))) == 2
+    assert len(list(cache.root.glob("maps-*.safetensors"))) == 2 and cache.shard_starts() == [0, SHARD_IMAGES, n]
     every = cache.maps(torch.arange(cache.n))
     order = [n - 1, 0, SHARD_IMAGES, SHARD_IMAGES - 1, 3, SHARD_IMAGES + 1]
     assert torch.equal(cache.maps(order), every[order])

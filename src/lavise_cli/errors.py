@@ -30,3 +30,10 @@ notice_hook = _stderr_notice
 def notice(msg: str) -> None:
     """One informational line for the user."""
     notice_hook(msg)
+
+
+class ShareDone(LaviseError):
+    """``--shard I/N``: this process ran its share of a pass; the pass is complete once every share
+    has run (then any lavise command publishes it and goes on).  Not a failure: exit code 0."""
+
+    exit_code = 0

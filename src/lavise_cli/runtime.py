@@ -34,6 +34,11 @@ NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` = CUDA when available, then MPS, else CPU."""
     d = (device or "auto").lower()
+    from .distributed import device_index
+
+    pinned = device_index()  # a torchrun rank: its own GPU, cuda:LOCAL_RANK
+    if pinned is not None and d in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", pinned % torch.cuda.device_count())
     if d == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file
 
+from . import distributed
 from .data.images import TRAINING_IMAGES_FILE, count_shared
 from .data.index import load_index
 from .embeddings import Vocabulary, build_vocabulary, load_embedding
@@ -128,6 +129,9 @@ def open_session(
         target = labelled_target([load_index(store, n) for n in names], split)
     cache = target_pass(store, tm, meta["layer"], target, device=dev, batch_size=batch_size, workers=workers,
                         precision=prec, progress=progress)
+    # Under torchrun the ranks shared the target pass; rank 0 alone runs the methods (small next to
+    # the pass) and writes the results, the others exit here (lavise_cli.distributed.leave).
+    distributed.leave()
     if cache.shape[0] != ex.filters:
         raise LaviseError(f"layer {meta['layer']} of this model has {cache.shape[0]} filters but the explainer "
                           f"expects {ex.filters}: the explainer was trained for another model or layer")

@@ -408,11 +408,15 @@ class Store:
         return n
 
     def _clean_partial(self, kind: str, path: Path) -> int:
-        with self.try_lock(kind, path.name) as free:
-            if not free:  # a writer is at work in it
-                return 0
+        with contextlib.ExitStack() as held:
+            # the folder's lock, and the lock of each piece of a pass (ranks and shares run their
+            # pieces without the folder's lock): a writer at work in it keeps it whole
+            names = [path.name] + [f"{path.name}-{p.stem[len('state-'):]}" for p in path.glob("state-p*.json")]
+            for name in names:
+                if not held.enter_context(self.try_lock(kind, name)):
+                    return 0
             n = _clean_tree(path, depth=1, everything=True)
-            if kind == "features":
+            if kind != "explainers":
                 try:
                     keys = json.loads((path / "state.json").read_text()).get("keys")
                 except (OSError, ValueError):

@@ -20,6 +20,7 @@ from .data.index import DatasetIndex, seen_split, load_index
 from .embeddings import Embedding, load_embedding
 from .errors import LaviseError
 from .explainer import EXPLAINER_FILE, Explainer, hinge_rank_loss, save_explainer
+from . import distributed
 from .passes.features import reference_features
 from .models import check_ignored, default_layer, load_model, resolve_layer
 from .runtime import resolve_device, resolve_precision
@@ -265,6 +266,9 @@ def train(
         per_ds.append(fs)
         hits.extend(f.hit for f in fs.values())
     t_feat = time.perf_counter() - t0
+    # Under torchrun the ranks shared the feature passes; rank 0 alone trains (the explainer is
+    # small, see docs/distributed.md), the others exit here (lavise_cli.distributed.leave).
+    distributed.leave()
     # The images the explainer learns from, so that explain/evaluate can warn when a target set shares them.
     trained_on = image_identities([ix.splits[ix.training_split].image_path(int(i)) for ix, fs in zip(indexes, per_ds)
                                    for i in torch.unique(next(iter(fs.values())).image).tolist()])

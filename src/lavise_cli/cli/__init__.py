@@ -25,6 +25,9 @@ def main() -> None:
         raise SystemExit(130) from None
     finally:  # the command is over: a SIGTERM while the interpreter shuts down just ends it
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        from .. import distributed
+
+        distributed.shutdown()  # a torchrun rank leaves its process group on every exit path
 
 
 __all__ = ["app", "main"]

@@ -42,7 +42,17 @@ def main_options(
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or messages; results and errors only."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", envvar="LAVISE_SHARD", metavar="I/N",
+        help="Run only share I of N (0 <= I < N) of each pass over images and leave its shards, e.g. one "
+             "array job of a cluster scheduler; the last share to finish (or any later run) completes the "
+             "command. Under torchrun the ranks share the passes without it. See docs/distributed.md."),
 ) -> None:
     state.home = home
     state.quiet = quiet
     state._store = None
+    from .. import distributed
+
+    ctx = distributed.setup(shard)
+    if ctx.group and ctx.rank != 0:
+        state.quiet = True  # other ranks print nothing but errors

@@ -36,7 +36,8 @@ from rich.progress import (
 
 from .. import errors as errors_module
 from ..fetch.http import human_size  # noqa: F401  (one unit system: binary, as the bars)
-from ..errors import LaviseError
+from ..distributed import RankDone
+from ..errors import LaviseError, ShareDone
 from ..store import Store
 
 def lazy(module: str, name: str) -> Any:
@@ -104,21 +105,30 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except RankDone:  # a torchrun rank other than 0, done with the command's passes
+            raise typer.Exit(0) from None
+        except ShareDone as e:  # --shard: this share is done, not a failure
+            info(str(e))
+            raise typer.Exit(0) from None
         except LaviseError as e:
+            tell_other_ranks(e)
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt as e:
+            tell_other_ranks(e)
             err.print("[yellow]interrupted[/]: nothing complete was overwritten; run the same command again to continue (add --resume to `lavise train`)")
             raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
         except (typer.Exit, typer.Abort, click_exceptions()):
             raise
         except OSError as e:
+            tell_other_ranks(e)
             # Last resort: the file system said no (read-only store, disk full, permissions).
             if debug():
                 raise
             err.print(Text.assemble(("error:", "bold red"), " ", os_error_line(e)), highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except Exception as e:
+            tell_other_ranks(e)
             # Last resort: a bug in lavise (or in a library it calls) -- one line, not a traceback.
             if debug():
                 raise
@@ -129,6 +139,15 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def tell_other_ranks(e: BaseException) -> None:
+    """Under torchrun, a failing rank sends its message to the others (they stop with it)."""
+    from .. import distributed
+
+    if distributed.current().group and not isinstance(e, distributed.RankFailed):
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else (" ".join(str(e).split())[:300] or type(e).__name__)
+        distributed.fail(f"{what} (rank {distributed.current().rank})")
 
 
 def debug() -> bool:

@@ -25,7 +25,7 @@ from ..layers import layer_shapes
 from ..models import TargetModel
 from ..runtime import resolve_precision
 from ..store import Store, stable_digest
-from .runner import Item, Publication, Shards, Sink, StoreOutput, run_pass, save_shard
+from .runner import Item, Publication, Shards, Sink, StoreOutput, run_pass, save_shard, share_done
 
 SHARD_PAIRS = 65536
 FEATURES_VERSION = 1
@@ -198,7 +198,8 @@ def reference_features(
     :func:`lavise_cli.passes.runner.run_pass` (resumable, in ``features/.partial-<key>/``).
     ``precision`` (auto, fp32, bf16, fp16; see :func:`lavise_cli.runtime.resolve_precision`) is
     the backbone's autocast precision, part of the cache key.  ``rank``/``world``: this process's
-    part of a pass split across processes (the result is complete once every part has run).
+    part of a pass split across processes (the result is complete once every part has run); by
+    default the process's own (torchrun ranks share the pass; see :mod:`lavise_cli.distributed`).
     """
     device = torch.device(device)
     precision = resolve_precision(precision, device)
@@ -234,7 +235,8 @@ def reference_features(
                       output=StoreOutput(store, "features", f".partial-{pass_key}", [publication(la) for la in todo]),
                       rank=rank, world=world)
     if result.ran and not result.published:
-        return out  # this rank's part is done; another rank publishes the whole
+        share_done(result, f"feature pass {model.name} on {split.dataset}/{split.split}")
+        return out  # this share is done (explicit rank/world); the last share publishes the whole
     if not result.ran:
         # A concurrent identical run did (some of) this pass while this one waited: use what it published.
         return reference_features(store, model, layers, split, index_digest, views=views, device=device,

@@ -26,8 +26,10 @@ work folder's lock, so they run one after the other — a later change may let t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +42,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from .. import distributed
 from ..data.loader import image_batches
+from ..distributed import Context
+from ..errors import ShareDone
 from ..layers import capture, forward_to
 from ..runtime import autocast, backbone, backbone_input, default_workers, resolve_precision
 from ..store import Store, atomic_write_json, temp_sibling
@@ -93,19 +98,37 @@ class Sink:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass
 
+    def publish(self, folder: Path, parts: list[dict[str, torch.Tensor]]) -> None:
+        """Once every piece of a stored pass is done, in the process that publishes it: ``parts``
+        are the pieces' final :meth:`state_dict` in item order (from every rank, share or earlier
+        run); write what the entry needs beyond the shards (e.g. merged statistics) into ``folder``."""
+
 
 @dataclass
 class Shards:
-    """Names of shard files: ``<prefix>-00003.safetensors`` (one process) or
-    ``<prefix>-r001-00003.safetensors`` (rank 1 of several); ``index`` is the checkpoint count."""
+    """Names of shard files: ``<prefix>-00003.safetensors`` (a pass without pieces),
+    ``<prefix>-p000000120-00003.safetensors`` (the piece of a stored pass that starts at item 120;
+    published as ``<prefix>-NNNNN`` in item order) or ``<prefix>-r001-00003.safetensors`` (the older
+    rank names); ``index`` is the checkpoint count."""
 
     index: int = 0
     rank: int = 0
     world: int = 1
+    piece: int | None = None
 
     def name(self, prefix: str, index: int | None = None) -> str:
         i = self.index if index is None else index
+        if self.piece is not None:
+            return f"{prefix}-{piece_tag(self.piece)}-{i:05d}.safetensors"
         return f"{prefix}-{i:05d}.safetensors" if self.world == 1 else f"{prefix}-r{self.rank:03d}-{i:05d}.safetensors"
+
+
+def piece_tag(start: int) -> str:
+    """The name of the piece of a pass that starts at item ``start``: ``p000000120``."""
+    return f"p{start:09d}"
+
+
+PIECE_SHARD = re.compile(r"^(?P<prefix>.+)-p(?P<start>\d{9})-(?P<index>\d{5})\.safetensors$")
 
 
 def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -156,6 +179,7 @@ def rank_block(n: int, rank: int, world: int) -> range:
     return range(n * rank // world, n * (rank + 1) // world)
 
 
+
 def run_pass(
     images: Dataset,
     model: nn.Module,
@@ -174,96 +198,308 @@ def run_pass(
     output: StoreOutput | None = None,
     rank: int = 0,
     world: int = 1,
+    context: Context | None = None,
 ) -> PassResult:
     """Run ``model`` to ``layers`` over ``images``, hand each batch's maps to ``compute`` and its
     output to every sink; with ``output``, lock, checkpoint, resume and publish (see the module).
 
     ``weights`` (one per item) size the progress bar when items are not one unit each.
+    ``rank``/``world`` (other than 0/1): run only that share of a stored pass (as ``--shard``);
+    else ``context`` (default: this process's, :func:`lavise_cli.distributed.current`) says
+    whether the ranks of a torchrun job share the pass.
     """
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     if output is None:
         return _loop(images, model, layers, compute, sinks, device, precision, batch_size, workers, progress, label,
-                     unit, weights, None, None, Shards(0, rank, world))
+                     unit, weights, None, None, Shards(0, rank, world), rank_block(len(images), rank, world))  # type: ignore[arg-type]
     st, kind = output.store, output.kind
     if all(st.exists(kind, e.key) for e in output.entries):
         return PassResult(ran=False)
-    with st.lock(kind, output.work):
-        if any(st.exists(kind, e.key) for e in output.entries):
-            return PassResult(ran=False)  # a concurrent identical pass made (some of) them while this one waited
-        if output.resumable:
-            return _resumable(images, model, layers, compute, sinks, device, precision, batch_size, workers, progress,
-                              label, unit, weights, output, rank, world)
-        if world != 1:
-            raise ValueError("a pass that is not resumable runs as one process (world=1)")
-        (pub,) = output.entries
-        settings: dict[str, Any] = {}
-        extra: dict[str, Any] = {}
-        # The manifest is written when `writing` exits, from these dicts as they are then.
-        with st.writing(kind, pub.key, inputs=pub.inputs, settings=settings, extra=extra) as tmp:
-            result = _loop(images, model, layers, compute, sinks, device, precision, batch_size, workers, progress,
-                           label, unit, weights, tmp, None, Shards())
-            settings.update(pub.settings(result))
-            extra.update(pub.extra(result))
+    if world != 1 or rank != 0:
+        ctx = Context(rank=rank, world=world)
+    else:
+        ctx = context if context is not None else distributed.current()
+    run = _Run(images, model, layers, compute, list(sinks), device, precision, batch_size, workers, progress, label,
+               unit, weights, output)
+    return run.grouped(ctx) if ctx.group else run.alone(ctx)
+
+
+class _Run:
+    """One stored pass: its pieces planned under the work folder's lock, run, then published."""
+
+    def __init__(self, images: Dataset, model: nn.Module, layers: Sequence[str], compute: Compute,
+                 sinks: list[Sink], device: torch.device, precision: str, batch_size: int, workers: int | None,
+                 progress: Any, label: str, unit: str, weights: Sequence[int] | None, output: StoreOutput):
+        self.images, self.model, self.layers, self.compute, self.sinks = images, model, layers, compute, sinks
+        self.device, self.precision, self.batch_size, self.workers = device, precision, batch_size, workers
+        self.progress, self.label, self.unit, self.weights, self.output = progress, label, unit, weights, output
+        self.st, self.kind = output.store, output.kind
+        self.folder = self.st.kind_dir(self.kind) / output.work
+        self.n = len(images)  # type: ignore[arg-type]
+        self.keys = sorted(e.key for e in output.entries)
+        self.fresh = [s.state_dict() for s in sinks]  # a sink's state before any item
+        self.dirty = False  # the sinks hold a piece's items
+        self.seconds = 0.0
+        self.skipped: list[int] = []
+
+    # -- the pieces on disk --------------------------------------------------------------------
+    def state_path(self, start: int) -> Path:
+        return self.folder / f"state-{piece_tag(start)}.json"
+
+    def pieces(self) -> list[dict[str, Any]]:
+        out = []
+        for p in self.folder.glob("state-p*.json"):
+            try:
+                out.append(json.loads(p.read_text()))
+            except (OSError, ValueError):
+                continue
+        return sorted(out, key=lambda s: s["start"])
+
+    def piece_lock(self, start: int) -> Any:
+        return self.st.lock(self.kind, f"{self.output.work}-{piece_tag(start)}")
+
+    def busy(self, start: int) -> bool:
+        with self.st.try_lock(self.kind, f"{self.output.work}-{piece_tag(start)}") as free:
+            return not free
+
+    def drop_shards(self, start: int, keep: int) -> None:
+        """Remove the piece's shard files from checkpoint ``keep`` on (never recorded in its state)."""
+        for p in list(self.folder.rglob(f"*-{piece_tag(start)}-*.safetensors")):
+            m = PIECE_SHARD.match(p.name)
+            if m and int(m["index"]) >= keep:
+                p.unlink(missing_ok=True)
+        if keep == 0:
+            for p in self.folder.glob(f"sink-*-{piece_tag(start)}.safetensors"):
+                p.unlink(missing_ok=True)
+
+    def new_piece(self, start: int, stop: int) -> dict[str, Any]:
+        s = {"start": start, "stop": stop, "next": 0, "shards": 0, "skipped": [], "done": False, "seconds": 0.0}
+        self.drop_shards(start, 0)  # what a piece of that name left before it recorded anything
+        atomic_write_json(self.state_path(start), s)
+        return s
+
+    def plan(self, share: range | None, in_place: bool) -> tuple[list[dict[str, Any]], list[int], list[range]]:
+        """Under the work folder's lock: (unfinished pieces this process continues where they
+        stopped, starts of pieces another live process is running, ranges no piece covers).
+
+        An unfinished piece nobody runs is continued in place when ``in_place`` and it lies in
+        ``share``; otherwise it is cut where it stopped (its done part kept, the rest uncovered)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not (self.folder / STATE).exists():
+            atomic_write_json(self.folder / STATE, {"keys": self.keys, "items": self.n})  # what the sweep reads
+        mine, busy, covered = [], [], []
+        for s in self.pieces():
+            if s["done"]:
+                covered.append(range(s["start"], s["stop"]))
+            elif self.busy(s["start"]):
+                busy.append(s["start"])
+                covered.append(range(s["start"], s["stop"]))
+            elif in_place and (share is None or (share.start <= s["start"] and s["stop"] <= share.stop)):
+                self.drop_shards(s["start"], s["shards"])
+                mine.append(s)
+                covered.append(range(s["start"], s["stop"]))
+            elif s["next"] > 0:  # keep what it did; the rest is uncovered again
+                self.drop_shards(s["start"], s["shards"])
+                s.update(stop=s["start"] + s["next"], done=True)
+                atomic_write_json(self.state_path(s["start"]), s)
+                covered.append(range(s["start"], s["stop"]))
+            else:
+                self.state_path(s["start"]).unlink(missing_ok=True)
+                self.drop_shards(s["start"], 0)
+        gaps, at = [], 0
+        for r in sorted(covered, key=lambda r: r.start):
+            if r.start > at:
+                gaps.append(range(at, r.start))
+            at = max(at, r.stop)
+        if at < self.n:
+            gaps.append(range(at, self.n))
+        if share is not None:
+            gaps = [range(max(g.start, share.start), min(g.stop, share.stop)) for g in gaps]
+            gaps = [g for g in gaps if len(g)]
+        return mine, busy, gaps
+
+    def complete(self) -> bool:
+        at = 0
+        for s in self.pieces():
+            if not s["done"] or s["start"] != at:
+                return False
+            at = s["stop"]
+        return at == self.n
+
+    # -- one process (alone, or one --shard share) ------------------------------------------------
+    def alone(self, ctx: Context) -> PassResult:
+        share = rank_block(self.n, ctx.rank, ctx.world) if ctx.world > 1 else None
+        ran = False
+        while True:
+            with contextlib.ExitStack() as held:
+                with self.st.lock(self.kind, self.output.work):
+                    if any(self.st.exists(self.kind, e.key) for e in self.output.entries):
+                        return PassResult(ran=False)  # a concurrent identical pass made (some of) them
+                    mine, busy, gaps = self.plan(share, in_place=True)
+                    todo = mine + [self.new_piece(g.start, g.stop) for g in gaps]
+                    if not todo and not busy and (share is None or self.complete()):
+                        return self.publish(ran)
+                    for s in todo:
+                        held.enter_context(self.piece_lock(s["start"]))
+                self.run_pieces(todo)
+                ran = ran or bool(todo)
+                # publish (or not) under the folder's lock, taken before the pieces' locks go
+                with self.st.lock(self.kind, self.output.work):
+                    held.close()
+                    if any(self.st.exists(self.kind, e.key) for e in self.output.entries):
+                        return PassResult(ran=False)
+                    if self.complete():
+                        return self.publish(ran)
+                    if share is not None:  # this share is done; others are still to run
+                        return PassResult(ran=True, seconds=self.seconds, skipped=sorted(set(self.skipped)))
+            for start in busy:  # wait for the pieces another live process runs, then plan again
+                with self.piece_lock(start):
+                    pass
+
+    # -- the ranks of a torchrun job ---------------------------------------------------------------
+    def grouped(self, ctx: Context) -> PassResult:
+        while True:
+            with contextlib.ExitStack() as folder_lock, contextlib.ExitStack() as held:
+                plan: dict[str, Any] = {}
+                if ctx.rank == 0:
+                    folder_lock.enter_context(self.st.lock(self.kind, self.output.work))
+                    if any(self.st.exists(self.kind, e.key) for e in self.output.entries):
+                        plan = {"exists": True}
+                    else:
+                        _mine, busy, gaps = self.plan(None, in_place=False)
+                        if not gaps and busy:
+                            plan = {"wait": busy}
+                        else:
+                            plan = {"assign": [[(r.start, r.stop) for r in split_ranges(gaps, rank, ctx.world)]
+                                               for rank in range(ctx.world)]}
+                            for rng in plan["assign"]:
+                                for a, b in rng:
+                                    self.new_piece(a, b)
+                plan = distributed.gather(plan)[0]
+                if plan.get("exists"):
+                    return PassResult(ran=False)
+                if "wait" in plan:
+                    folder_lock.close()
+                    if ctx.rank == 0:
+                        for start in plan["wait"]:
+                            with self.piece_lock(start):
+                                pass
+                    distributed.gather("waited")
+                    continue
+                mine = [json.loads(self.state_path(a).read_text()) for a, _b in plan["assign"][ctx.rank]]
+                for s in mine:
+                    held.enter_context(self.piece_lock(s["start"]))
+                distributed.gather("claimed")  # every rank holds its pieces: the plan may be seen now
+                folder_lock.close()
+                self.run_pieces(mine)
+                held.close()
+            distributed.gather("ran")  # every rank's pieces are done (or a rank's error stops all)
+            result = PassResult(ran=True, seconds=self.seconds, skipped=sorted(set(self.skipped)))
+            if ctx.rank == 0:
+                with self.st.lock(self.kind, self.output.work):
+                    if not any(self.st.exists(self.kind, e.key) for e in self.output.entries):
+                        if not self.complete():
+                            raise RuntimeError(f"{self.label}: pieces are missing after every rank finished")
+                        result = self.publish(True)
+            published = distributed.gather(result.published if ctx.rank == 0 else None)[0]
+            result.published = bool(published)
+            return result
+
+    # -- running pieces, publishing ------------------------------------------------------------------
+    def run_pieces(self, todo: list[dict[str, Any]]) -> None:
+        if not todo:
+            return
+        weight = (lambda i: int(self.weights[i])) if self.weights is not None else (lambda _i: 1)
+        task = self.progress.add_task(
+            self.label, total=sum(weight(i) for s in todo for i in range(s["start"], s["stop"])),
+            completed=sum(weight(i) for s in todo for i in range(s["start"], s["start"] + s["next"])),
+            unit=self.unit) if self.progress is not None else None
+        for s in todo:
+            tag = piece_tag(s["start"])
+            for i, sink in enumerate(self.sinks):
+                saved = self.folder / f"sink-{i}-{tag}.safetensors"
+                if s["next"] > 0 and saved.exists():
+                    sink.load_state_dict(load_file(str(saved)))
+                elif self.dirty:
+                    sink.load_state_dict({k: v.clone() for k, v in self.fresh[i].items()})
+            self.dirty = True
+            result = _loop(self.images, self.model, self.layers, self.compute, self.sinks, self.device, self.precision,
+                           self.batch_size, self.workers, None, self.label, self.unit, self.weights, self.folder,
+                           (s, self.state_path(s["start"]), f"-{tag}"),
+                           Shards(s["shards"], piece=s["start"]), range(s["start"], s["stop"]),
+                           task=(self.progress, task) if task is not None else None)
+            s["done"] = True
+            s["seconds"] = float(s.get("seconds", 0.0)) + result.seconds
+            atomic_write_json(self.state_path(s["start"]), s)
+            self.seconds += result.seconds
+            self.skipped += result.skipped
+
+    def publish(self, ran: bool) -> PassResult:
+        """Under the work folder's lock, every piece done: merge, rename the shards in item order, publish."""
+        st, kind = self.st, self.kind
+        pieces = self.pieces()
+        result = PassResult(ran=ran, seconds=sum(float(s.get("seconds", 0.0)) for s in pieces),
+                            skipped=sorted({int(i) for s in pieces for i in s["skipped"]}))
+        for i, sink in enumerate(self.sinks):
+            parts = []
+            for s in pieces:
+                saved = self.folder / f"sink-{i}-{piece_tag(s['start'])}.safetensors"
+                if saved.exists():
+                    parts.append(load_file(str(saved)))
+            sink.publish(self.folder, parts)
+        recorded = {s["start"]: s["shards"] for s in pieces}
+        for pub in self.output.entries:
+            src = self.folder / pub.folder
+            with st.writing(kind, pub.key, inputs=pub.inputs, settings=pub.settings(result),
+                            extra=pub.extra(result)) as tmp:
+                if src.exists():
+                    seq: dict[str, int] = {}
+                    for p in sorted(src.glob("*.safetensors")):
+                        if p.name.startswith("sink-"):
+                            continue
+                        m = PIECE_SHARD.match(p.name)
+                        if m is None:
+                            shutil.move(str(p), tmp / p.name)
+                        elif int(m["index"]) < recorded.get(int(m["start"]), 0):
+                            k = seq.get(m["prefix"], 0)
+                            seq[m["prefix"]] = k + 1
+                            shutil.move(str(p), tmp / f"{m['prefix']}-{k:05d}.safetensors")
+        shutil.rmtree(self.folder, ignore_errors=True)
         result.published = True
         return result
 
 
-def _resumable(images: Dataset, model: nn.Module, layers: Sequence[str], compute: Compute, sinks: Sequence[Sink],
-               device: torch.device, precision: str, batch_size: int, workers: int | None, progress: Any, label: str,
-               unit: str, weights: Sequence[int] | None, output: StoreOutput, rank: int, world: int) -> PassResult:
-    st, kind = output.store, output.kind
-    folder = st.kind_dir(kind) / output.work
-    folder.mkdir(parents=True, exist_ok=True)
-    keys = sorted(e.key for e in output.entries)
-    suffix = "" if world == 1 else f"-r{rank:03d}"
-    state_path = folder / (STATE if world == 1 else f"state{suffix}.json")
-    if world != 1 and not (folder / STATE).exists():
-        atomic_write_json(folder / STATE, {"keys": keys, "world": world})  # what the sweep reads
-    state = json.loads(state_path.read_text()) if state_path.exists() else \
-        {"next": 0, "shards": 0, "skipped": [], "keys": keys}
-    for i, sink in enumerate(sinks):
-        saved = folder / f"sink-{i}{suffix}.safetensors"
-        if saved.exists():
-            sink.load_state_dict(load_file(str(saved)))
-    result = _loop(images, model, layers, compute, sinks, device, precision, batch_size, workers, progress, label,
-                   unit, weights, folder, (state, state_path, suffix), Shards(state["shards"], rank, world))
-    if world != 1:
-        state["done"] = True
-        atomic_write_json(state_path, state)
-        states = [folder / f"state-r{r:03d}.json" for r in range(world)]
-        if not all(p.exists() and json.loads(p.read_text()).get("done") for p in states):
-            return result  # another rank's part is still to run; the last rank publishes
-        result.skipped = sorted({i for p in states for i in json.loads(p.read_text())["skipped"]})
-    for pub in output.entries:
-        src = folder / pub.folder
-        with st.writing(kind, pub.key, inputs=pub.inputs, settings=pub.settings(result), extra=pub.extra(result)) \
-                as tmp:
-            if src.exists():
-                for p in sorted(src.glob("*.safetensors")):
-                    if not p.name.startswith("sink-"):
-                        shutil.move(str(p), tmp / p.name)
-    shutil.rmtree(folder, ignore_errors=True)
-    result.published = True
-    return result
+def split_ranges(ranges: Sequence[range], rank: int, world: int) -> list[range]:
+    """``rank``'s part of the items of ``ranges`` (in order): a balanced, contiguous split by count."""
+    total = sum(len(r) for r in ranges)
+    want = rank_block(total, rank, world)
+    out, at = [], 0
+    for r in ranges:
+        lo, hi = max(want.start - at, 0), min(want.stop - at, len(r))
+        if lo < hi:
+            out.append(range(r.start + lo, r.start + hi))
+        at += len(r)
+    return out
 
 
 def _loop(images: Dataset, model: nn.Module, layers: Sequence[str], compute: Compute, sinks: Sequence[Sink],
           device: torch.device, precision: str, batch_size: int, workers: int | None, progress: Any, label: str,
           unit: str, weights: Sequence[int] | None, folder: Path | None,
-          resume: tuple[dict[str, Any], Path, str] | None, shards: Shards) -> PassResult:
-    """The pass itself: batches of this rank's items from ``state['next']`` on; checkpoints when resumable."""
+          resume: tuple[dict[str, Any], Path, str] | None, shards: Shards, block: range,
+          task: tuple[Any, Any] | None = None) -> PassResult:
+    """The pass itself: batches of the items of ``block`` from ``state['next']`` on; checkpoints when resumable."""
     state = resume[0] if resume is not None else {"next": 0, "skipped": []}
-    block = rank_block(len(images), shards.rank, shards.world)  # type: ignore[arg-type]
     todo = range(block.start + state["next"], block.stop)
     weight = (lambda i: int(weights[i])) if weights is not None else (lambda _i: 1)
-    task = progress.add_task(label, total=sum(weight(i) for i in block),
-                             completed=sum(weight(i) for i in block[:state["next"]]), unit=unit) \
-        if progress is not None else None
+    if task is None and progress is not None:
+        task = (progress, progress.add_task(label, total=sum(weight(i) for i in block),
+                                            completed=sum(weight(i) for i in block[:state["next"]]), unit=unit))
     if workers is None:
         workers = default_workers(device)
     net = backbone(model, device)
     done = state["next"]
+    skipped: list[int] = []
     t0 = time.perf_counter()
 
     def checkpoint(final: bool) -> None:
@@ -285,7 +521,9 @@ def _loop(images: Dataset, model: nn.Module, layers: Sequence[str], compute: Com
     with torch.inference_mode(), capture(net, layers, stop=True) as feats:
         for batch in batches:
             good = [it for it in batch if it.x is not None]
-            state["skipped"].extend(int(it.index) for it in batch if it.x is None)
+            bad = [int(it.index) for it in batch if it.x is None]
+            state["skipped"].extend(bad)
+            skipped.extend(bad)
             if good:
                 x = backbone_input(torch.cat([it.x for it in good]), device)  # type: ignore[misc]
                 with autocast(device, precision):
@@ -294,9 +532,18 @@ def _loop(images: Dataset, model: nn.Module, layers: Sequence[str], compute: Com
                 for sink in sinks:
                     sink.add(out)
             if task is not None:
-                progress.advance(task, sum(weight(block.start + j) for j in range(done, done + len(batch))))
+                task[0].advance(task[1], sum(weight(block.start + j) for j in range(done, done + len(batch))))
             done += len(batch)
             if any(sink.due() for sink in sinks):
                 checkpoint(final=False)
     checkpoint(final=True)
-    return PassResult(ran=True, seconds=time.perf_counter() - t0, skipped=sorted(set(state["skipped"])))
+    return PassResult(ran=True, seconds=time.perf_counter() - t0, skipped=sorted(set(skipped)))
+
+
+def share_done(result: PassResult, what: str) -> None:
+    """After a stored pass that did not publish: under ``--shard I/N`` this process's share is
+    done and the rest is left to the other shares (:class:`~lavise_cli.errors.ShareDone`)."""
+    ctx = distributed.current()
+    if result.ran and not result.published and ctx.world > 1 and not ctx.group:
+        raise ShareDone(f"{what}: share {ctx.rank}/{ctx.world} is done; the pass completes when every share "
+                        "has run (the last one to finish, or any later lavise command, publishes it and goes on)")

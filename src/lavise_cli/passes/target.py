@@ -24,7 +24,7 @@ from ..errors import DataError, LaviseError
 from ..models import TargetModel
 from ..runtime import resolve_precision
 from ..store import Store, stable_digest
-from .runner import Item, Publication, Shards, Sink, StoreOutput, run_pass
+from .runner import Item, Publication, Shards, Sink, StoreOutput, run_pass, save_shard, share_done
 from .stats import QUANTILE, ImageRows, RunningTopK
 
 SHARD_IMAGES = 256
@@ -119,20 +119,33 @@ class LayerMaps:
     shape: tuple[int, int, int]  # (d, h, w)
     hit: bool
     seconds: float = 0.0
+    _starts: list[int] | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
         return int(self.rows.shape[0])
+
+    def shard_starts(self) -> list[int]:
+        """The first row of each ``maps-NNNNN`` shard (and the total last): shards hold
+        :data:`SHARD_IMAGES` rows, or, from a pass split in pieces, whatever each checkpoint held."""
+        if self._starts is None:
+            starts = [0]
+            for p in sorted(self.root.glob("maps-*.safetensors")):
+                with safe_open(str(p), framework="pt") as fh:
+                    starts.append(starts[-1] + int(fh.get_slice("maps").get_shape()[0]))
+            self._starts = starts
+        return self._starts
 
     def maps(self, rows: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Feature maps ``(len(rows), d, h, w)`` float32 of the given rows (in that order)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         d, h, w = self.shape
         out = torch.empty(len(rows), d, h, w)
-        shard_of = rows // SHARD_IMAGES
+        starts = torch.tensor(self.shard_starts(), dtype=torch.long)
+        shard_of = torch.searchsorted(starts, rows, right=True) - 1
         for s in torch.unique(shard_of).tolist():
             sel = torch.nonzero(shard_of == s).squeeze(1)
-            local = rows[sel] - s * SHARD_IMAGES
+            local = rows[sel] - int(starts[s])
             lo, hi = int(local.min()), int(local.max()) + 1
             with safe_open(str(self.root / f"maps-{s:05d}.safetensors"), framework="pt") as fh:
                 block = fh.get_slice("maps")[lo:hi]  # only the rows' span of the shard is read
@@ -146,13 +159,11 @@ def layer_maps_of(good: list[Item], maps: Mapping[str, torch.Tensor], layer: str
 
 
 class MapShards(Sink):
-    """The cached maps: fp16 ``maps-NNNNN.safetensors`` shards of exactly :data:`SHARD_IMAGES`
-    rows (the last one fewer), in the order the images decoded (row ``r`` is in shard
-    ``r // SHARD_IMAGES``, see :meth:`LayerMaps.maps`)."""
+    """The cached maps: fp16 ``maps-NNNNN.safetensors`` shards of about :data:`SHARD_IMAGES` rows
+    (one per checkpoint), in the order the images decoded (see :meth:`LayerMaps.maps`)."""
 
     def __init__(self) -> None:
         self.pending: list[torch.Tensor] = []
-        self.written = 0
 
     def add(self, out: tuple[list[int], torch.Tensor]) -> None:
         self.pending.append(out[1].half().cpu())
@@ -161,17 +172,15 @@ class MapShards(Sink):
         return sum(len(p) for p in self.pending) >= SHARD_IMAGES
 
     def flush(self, folder: Path, shards: Shards, final: bool) -> None:
-        while self.pending and (final or sum(len(p) for p in self.pending) >= SHARD_IMAGES):
-            allm = torch.cat(self.pending)
-            block, rest = allm[:SHARD_IMAGES], allm[SHARD_IMAGES:]
-            save_file({"maps": block.contiguous()}, str(folder / shards.name("maps", self.written // SHARD_IMAGES)))
-            self.written += len(block)
-            self.pending = [rest] if len(rest) else []
+        if self.pending:
+            save_shard({"maps": torch.cat(self.pending)}, folder / shards.name("maps"))
+        self.pending = []
 
 
 class TargetStats(Sink):
     """Per filter, the exact 0.995-quantile threshold over every map value (a running top-k), and
-    per image, each filter's maximum and mean; ``stats.safetensors`` at the end."""
+    per image, each filter's maximum and mean; kept in each piece's checkpoint state, merged over
+    the pieces (ranks, shares, earlier runs) into ``stats.safetensors`` when the pass publishes."""
 
     def __init__(self, n_images: int, description: str = "the image set"):
         self.n_images, self.description = n_images, description
@@ -188,14 +197,40 @@ class TargetStats(Sink):
         self.topk.update(f.flatten(2).permute(1, 0, 2).reshape(self.shape[0], -1))
         self.images.update(rows, f)
 
-    def flush(self, folder: Path, shards: Shards, final: bool) -> None:
-        if not final:
-            return
+    def state_dict(self) -> dict[str, torch.Tensor]:
         if self.topk is None or self.shape is None:
+            return {}
+        return {**{f"topk.{k}": v for k, v in self.topk.state_dict().items()},
+                **{f"images.{k}": v for k, v in self.images.state_dict().items()}, "shape": torch.tensor(self.shape)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.topk, self.images, self.shape = None, ImageRows(), None
+        if not state:
+            return
+        self.shape = tuple(int(x) for x in state["shape"].tolist())  # type: ignore[assignment]
+        self.topk = RunningTopK(self.shape[0], 1)  # type: ignore[index]
+        self.topk.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("topk.")})
+        self.images.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("images.")})
+
+    def publish(self, folder: Path, parts: list[dict[str, torch.Tensor]]) -> None:
+        merged = TargetStats(self.n_images, self.description)
+        for part in parts:
+            if not part:
+                continue
+            one = TargetStats(self.n_images, self.description)
+            one.load_state_dict(part)
+            if merged.topk is None:
+                merged.load_state_dict(part)
+            else:
+                assert one.topk is not None
+                merged.topk.merge(one.topk)
+                merged.images.merge(one.images)
+        if merged.topk is None or merged.shape is None:
             raise DataError(f"no image of {self.description} could be decoded")
-        save_file({"threshold": self.topk.quantile(QUANTILE).contiguous(), "img_max": self.images.max.contiguous(),
-                   "img_mean": self.images.mean.contiguous(), "rows": self.images.rows,
-                   "shape": torch.tensor(self.shape)}, str(folder / "stats.safetensors"))
+        self.topk, self.images, self.shape = merged.topk, merged.images, merged.shape
+        save_file({"threshold": merged.topk.quantile(QUANTILE).contiguous(), "img_max": merged.images.max.contiguous(),
+                   "img_mean": merged.images.mean.contiguous(), "rows": merged.images.rows,
+                   "shape": torch.tensor(merged.shape)}, str(folder / "stats.safetensors"))
 
 
 def target_pass(
@@ -214,7 +249,8 @@ def target_pass(
 
     ``precision`` (auto, fp32, bf16, fp16) is the backbone's autocast precision, part of the key.
     The pass is :func:`lavise_cli.passes.runner.run_pass` with :class:`MapShards` and
-    :class:`TargetStats` as sinks of one compute; it writes straight into its store entry.
+    :class:`TargetStats` as sinks of one compute, resumable in ``targets/.partial-<key>/`` and
+    shared among the ranks of a torchrun job (or run as one ``--shard`` share).
     """
     device = torch.device(device)
     precision = resolve_precision(precision, device)
@@ -226,14 +262,15 @@ def target_pass(
     ds = ImageFiles(target.paths, model.preprocess.input_size, model.preprocess.mean, model.preprocess.std)
     settings = {"layer": layer, "target": target.description, "images": len(target.paths), "precision": precision}
 
-    # A concurrent identical pass is waited for (the lock `.pass-<key>`), then its entry is used.
+    # A concurrent identical pass is waited for (its work folder's lock), then its entry is used.
     result = run_pass(ds, model.module, [layer], lambda good, maps: layer_maps_of(good, maps, layer),
                       [MapShards(), TargetStats(len(target.paths), target.description)], device=device, precision=precision, batch_size=batch_size,
                       workers=workers, progress=progress, label=f"target pass {layer}",
-                      output=StoreOutput(store, "targets", f".pass-{key}", [Publication(
+                      output=StoreOutput(store, "targets", f".partial-{key}", [Publication(
                           key, inputs, lambda _r: settings,
-                          extra=lambda r: {"seconds": r.seconds, "failed_images": len(r.skipped)})],
-                          resumable=False))
+                          extra=lambda r: {"seconds": r.seconds, "failed_images": len(r.skipped)})]))
+    if not result.published and result.ran:
+        share_done(result, f"target pass {layer} of {target.description}")
     cache = _load_target(store, key, layer, hit=not result.ran)
     cache.seconds = result.seconds
     return cache
