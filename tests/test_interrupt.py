@@ -305,11 +305,12 @@ def test_kill_at_every_stage_then_rerun_equals_an_uninterrupted_run(
     ta, tb = explainer_tensors(home), explainer_tensors(ref.home)
     assert ta.keys() == tb.keys() and all((ta[k] == tb[k]).all() for k in ta)
 
-    # explain: killed in its target pass
+    # explain: killed in its target pass (its piece started: it resumes from its state)
     reference = ref.json(*EXPLAIN)
     p = lavise(home, *EXPLAIN, log=logs / "explain")
-    wait_for(glob1("cache/targets/.tmp-*", home), p, "the target pass")
+    wait_for(glob1("cache/targets/.partial-*/state-p*.json", home), p, "the target pass")
     kill9(p)
+    assert not list((home / "cache" / "targets").glob("[!.]*")), "the killed target pass published"
     assert again.json(*EXPLAIN)["filters"] == reference["filters"]
 
     # report: killed while it renders the thumbnails

@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 
 from .. import __version__
-from .common import state
+from ..errors import LaviseError
+from .common import err, state
 
 app = typer.Typer(
     name="lavise",
@@ -53,6 +54,10 @@ def main_options(
     state._store = None
     from .. import distributed
 
-    ctx = distributed.setup(shard)
+    try:
+        ctx = distributed.setup(shard)
+    except LaviseError as e:  # a bad --shard: one line, as every command's errors
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
     if ctx.group and ctx.rank != 0:
         state.quiet = True  # other ranks print nothing but errors
