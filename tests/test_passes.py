@@ -107,6 +107,14 @@ class Moments(Sink):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.m.load_state_dict(state)
 
+    def publish(self, folder: Path, parts: list[dict[str, torch.Tensor]]) -> None:
+        """The whole pass's moments: every piece's (in item order), merged."""
+        self.m = FilterMoments(4)
+        for part in parts:
+            one = FilterMoments(4)
+            one.load_state_dict(part)
+            self.m.merge(one)
+
 
 def output(store: Store) -> StoreOutput:
     return StoreOutput(store, "features", ".partial-test", [Publication(
@@ -168,7 +176,8 @@ def test_an_interrupted_pass_resumes_and_equals_an_uninterrupted_one(tmp_path: P
     assert state["next"] == 12 and state["shards"] == 2 and state["skipped"] == [5] and not state["done"]
     assert (state["start"], state["stop"]) == (0, N)
     assert len(list((partial / "k").glob("rows-p000000000-*.safetensors"))) == 2
-    assert (partial / "sink-1-p000000000.safetensors").exists()  # the moments' state
+    # the moments' state at the last recorded checkpoint (the second), and only that one
+    assert sorted(p.name for p in partial.glob("sink-*")) == ["sink-1-p000000000-00001.safetensors"]
 
     resumed_ds, moments = Numbers(), Moments()
     r = run(store, resumed_ds, [RowShards(4), moments])
@@ -229,3 +238,35 @@ def test_without_a_store_output_the_sinks_get_everything(tmp_path: Path) -> None
     idx, z = by_hand()
     assert moments.m.count == len(idx)
     torch.testing.assert_close(moments.m.max, z.amax(0))
+
+
+def test_a_pass_split_one_way_resumes_another_way(tmp_path: Path) -> None:
+    """Shares of 3 (one done, one interrupted after a checkpoint, one never run), then one process:
+    it reads only what no share recorded, and publishes what an uninterrupted pass does."""
+    ref_store, ref_moments = Store(tmp_path / "ref"), Moments()
+    run(ref_store, Numbers(), [RowShards(4), ref_moments])
+    ref = published(ref_store)
+
+    store = Store(tmp_path / "home")
+    assert [rank_block(N, r, 3) for r in range(3)] == [range(0, 7), range(7, 15), range(15, 23)]
+    r = run(store, Numbers(), [RowShards(4), Moments()], rank=2, world=3)
+    assert r.ran and not r.published
+    with pytest.raises(KeyboardInterrupt):  # a checkpoint after items 0-5 (5 readable rows), then item 6
+        run(store, Numbers(stop_at=6), [RowShards(4), Moments()], rank=0, world=3)
+    (partial,) = store.kind_dir("features").glob(".partial-*")
+    states = {json.loads(p.read_text())["start"]: json.loads(p.read_text()) for p in partial.glob("state-p*.json")}
+    assert states[0]["next"] == 6 and not states[0]["done"] and states[15]["done"] and 7 not in states
+
+    ds, moments = Numbers(), Moments()
+    r = run(store, ds, [RowShards(4), moments])
+    assert r.ran and r.published
+    assert ds.reads == list(range(6, 15)), "the single process read again what a share had recorded"
+    got = published(store)
+    assert torch.equal(got["index"], ref["index"])
+    torch.testing.assert_close(got["z"], ref["z"])  # other batches: the same to float rounding
+    assert store.manifest("features", "k")["settings"]["skipped"] == sorted(BAD)
+    # the statistics: every piece's checkpointed state, merged when the pass is published
+    assert moments.m.count == ref_moments.m.count == N - len(BAD)
+    torch.testing.assert_close(moments.m.max, got["z"].amax(0))
+    torch.testing.assert_close(moments.m.sum, got["z"].double().sum(0), rtol=1e-6, atol=1e-9)
+    assert not list(store.kind_dir("features").glob(".partial-*"))

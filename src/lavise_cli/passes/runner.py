@@ -7,21 +7,33 @@ and its prefetch, the hooks with early stop (:func:`lavise_cli.models.capture`),
 memory layout and precision (:mod:`lavise_cli.runtime`), progress, checkpoints and resume, the
 lock of the pass's work folder, and publishing its store entries.
 
-Work folder (``StoreOutput``):
+Work folder (``StoreOutput``): ``<kind>/.partial-<key>/``, the pass split in **pieces**, each a
+contiguous block of items with its own state ``state-p<start>.json`` (``start``, ``stop``,
+``next``, ``shards``, ``skipped``, ``done``, ``seconds``), its shards
+(``z-p000000120-00003.safetensors``) and its sinks' checkpoint state
+(``sink-<i>-p<start>-<checkpoint>.safetensors``); ``state.json`` names the entries (``keys``) for the sweep.
+A checkpoint is taken whenever a sink is due (every sink flushes, then the piece's state is
+written atomically), so an interrupted piece continues at ``next``.
 
-- resumable (``resumable=True``): ``<kind>/.partial-<key>/`` with ``state.json``
-  (``next``, ``shards``, ``skipped``, ``keys``) and the sinks' shards; a checkpoint is taken
-  whenever a sink is due (every sink flushes, then the state is written atomically), so an
-  interrupted pass continues at ``next``.  The folder's lock (:meth:`Store.lock` on its name)
-  makes a concurrent identical pass wait, then reuse what this one published.
-- otherwise: the temporary folder of the one entry (:meth:`Store.writing`), under the lock
-  ``.pass-<key>``; an interrupted pass starts again.
+- **Plan** (under the folder's lock, :meth:`Store.lock` on its name): pieces already done are
+  kept; a piece another live process is running (its own lock ``<work>-p<start>`` is held) is
+  left to it; an unfinished piece nobody runs is continued where it stopped (one process) or cut
+  there (torchrun ranks, a share it does not fit in); the items no piece covers become new pieces:
+  all of them for one process, this share's for ``--shard I/N``, a balanced split of them across
+  the ranks of a torchrun job (rank 0 plans, every rank takes its pieces' locks, then the folder's
+  lock is let go).  So a pass resumes from the shards already written whatever the number of
+  processes that wrote them or run it now.
+- **Run**: each process runs its pieces holding only their locks, so ranks and shares overlap.
+- **Publish** (under the folder's lock, once every piece is done: rank 0 after every rank has
+  finished, or whichever process finds the last piece done): each sink's :meth:`Sink.publish`
+  gets every piece's final state in item order (merged statistics), the pieces' shards are
+  renamed ``<prefix>-NNNNN`` in item order into the entry (:meth:`Store.writing`), and the work
+  folder goes.  A concurrent identical pass that finds the entries published uses them.
 
-Ranks: ``rank``/``world`` give each of ``world`` processes a contiguous block of the items;
-shards and state then carry the rank in their names (``z-r001-00003.safetensors``,
-``state-r001.json``) so that the blocks' shards sort in item order.  A resumable pass publishes
-when every rank has finished (the last one to finish publishes); today the ranks share the
-work folder's lock, so they run one after the other — a later change may let them overlap.
+Ranks: under ``torchrun`` (:mod:`lavise_cli.distributed`) every rank calls :func:`run_pass`
+with the same pass; their control messages are gathered objects, so a rank's failure stops all.
+``rank``/``world`` (explicit) run one share of the pass as ``--shard`` does.  A pass without a
+store output is not shared: it runs whole in the process that calls it.
 """
 
 from __future__ import annotations
@@ -264,14 +276,19 @@ class _Run:
             return not free
 
     def drop_shards(self, start: int, keep: int) -> None:
-        """Remove the piece's shard files from checkpoint ``keep`` on (never recorded in its state)."""
+        """Remove the piece's shard and sink-state files from checkpoint ``keep`` on (written by a
+        checkpoint that an interrupt kept from recording them in the piece's state)."""
         for p in list(self.folder.rglob(f"*-{piece_tag(start)}-*.safetensors")):
             m = PIECE_SHARD.match(p.name)
             if m and int(m["index"]) >= keep:
                 p.unlink(missing_ok=True)
-        if keep == 0:
-            for p in self.folder.glob(f"sink-*-{piece_tag(start)}.safetensors"):
-                p.unlink(missing_ok=True)
+
+    def sink_state(self, i: int, s: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """Sink ``i``'s state at the piece's last recorded checkpoint (None: it kept none)."""
+        if s["shards"] < 1:
+            return None
+        path = self.folder / f"sink-{i}-{piece_tag(s['start'])}-{s['shards'] - 1:05d}.safetensors"
+        return load_file(str(path)) if path.exists() else None
 
     def new_piece(self, start: int, stop: int) -> dict[str, Any]:
         s = {"start": start, "stop": stop, "next": 0, "shards": 0, "skipped": [], "done": False, "seconds": 0.0}
@@ -286,7 +303,13 @@ class _Run:
         An unfinished piece nobody runs is continued in place when ``in_place`` and it lies in
         ``share``; otherwise it is cut where it stopped (its done part kept, the rest uncovered)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        if not (self.folder / STATE).exists():
+        try:
+            known = json.loads((self.folder / STATE).read_text())
+        except (OSError, ValueError):
+            known = None
+        if known != {"keys": self.keys, "items": self.n}:  # none yet, or an older layout: start afresh
+            for p in list(self.folder.iterdir()):
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
             atomic_write_json(self.folder / STATE, {"keys": self.keys, "items": self.n})  # what the sweep reads
         mine, busy, covered = [], [], []
         for s in self.pieces():
@@ -418,9 +441,9 @@ class _Run:
         for s in todo:
             tag = piece_tag(s["start"])
             for i, sink in enumerate(self.sinks):
-                saved = self.folder / f"sink-{i}-{tag}.safetensors"
-                if s["next"] > 0 and saved.exists():
-                    sink.load_state_dict(load_file(str(saved)))
+                saved = self.sink_state(i, s) if s["next"] > 0 else None
+                if saved is not None:
+                    sink.load_state_dict(saved)
                 elif self.dirty:
                     sink.load_state_dict({k: v.clone() for k, v in self.fresh[i].items()})
             self.dirty = True
@@ -442,11 +465,7 @@ class _Run:
         result = PassResult(ran=ran, seconds=sum(float(s.get("seconds", 0.0)) for s in pieces),
                             skipped=sorted({int(i) for s in pieces for i in s["skipped"]}))
         for i, sink in enumerate(self.sinks):
-            parts = []
-            for s in pieces:
-                saved = self.folder / f"sink-{i}-{piece_tag(s['start'])}.safetensors"
-                if saved.exists():
-                    parts.append(load_file(str(saved)))
+            parts = [part for s in pieces if (part := self.sink_state(i, s)) is not None]
             sink.publish(self.folder, parts)
         recorded = {s["start"]: s["shards"] for s in pieces}
         for pub in self.output.entries:
@@ -508,14 +527,17 @@ def _loop(images: Dataset, model: nn.Module, layers: Sequence[str], compute: Com
         if resume is None:
             return
         _, state_path, suffix = resume
+        # the sinks' states are named by checkpoint: the piece's state says which one is current
         for i, sink in enumerate(sinks):
             s = sink.state_dict()
             if s:
-                save_shard(s, state_path.parent / f"sink-{i}{suffix}.safetensors")
+                save_shard(s, state_path.parent / f"sink-{i}{suffix}-{shards.index:05d}.safetensors")
         shards.index += 1
         state["shards"] = shards.index
         state["next"] = done
         atomic_write_json(state_path, state)
+        for i in range(len(sinks)):
+            (state_path.parent / f"sink-{i}{suffix}-{shards.index - 2:05d}.safetensors").unlink(missing_ok=True)
 
     batches = image_batches(Subset(images, todo), batch_size, workers, device, collate)
     with torch.inference_mode(), capture(net, layers, stop=True) as feats:
