@@ -209,7 +209,8 @@ def test_shards_run_one_after_the_other_complete_the_pass(tmp_path: Path, make_c
         assert f"share {i}/3 is done" in r.stderr and r.stdout == ""
         assert not Store(home).list("features") and not Store(home).list("explainers")
     (partial,) = (home / "cache" / "features").glob(".partial-*")
-    assert sorted(json.loads(p.read_text())["start"] for p in partial.glob("state-p*.json")) == [0, 24]
+    # shares in whole batches (32): [0, 32), [32, 64), [64, 72)
+    assert sorted(json.loads(p.read_text())["start"] for p in partial.glob("state-p*.json")) == [0, 32]
     # the last share completes the pass, publishes it and trains
     got = Cli(home).json("--shard", "2/3", *train_args(model))
     assert got["losses"] == want["losses"]

@@ -20,7 +20,8 @@ written atomically), so an interrupted piece continues at ``next``.
   left to it; an unfinished piece nobody runs is continued where it stopped (one process) or cut
   there (torchrun ranks, a share it does not fit in); the items no piece covers become new pieces:
   all of them for one process, this share's for ``--shard I/N``, a balanced split of them across
-  the ranks of a torchrun job (rank 0 plans, every rank takes its pieces' locks, then the folder's
+  the ranks of a torchrun job, in whole batches (:func:`aligned_block`: each batch holds the same
+  items whatever the number of processes, so the results do too) (rank 0 plans, every rank takes its pieces' locks, then the folder's
   lock is let go).  So a pass resumes from the shards already written whatever the number of
   processes that wrote them or run it now.
 - **Run**: each process runs its pieces holding only their locks, so ranks and shares overlap.
@@ -352,7 +353,7 @@ class _Run:
 
     # -- one process (alone, or one --shard share) ------------------------------------------------
     def alone(self, ctx: Context) -> PassResult:
-        share = rank_block(self.n, ctx.rank, ctx.world) if ctx.world > 1 else None
+        share = aligned_block(self.n, ctx.rank, ctx.world, self.batch_size) if ctx.world > 1 else None
         ran = False
         while True:
             with contextlib.ExitStack() as held:
@@ -394,7 +395,7 @@ class _Run:
                         if not gaps and busy:
                             plan = {"wait": busy}
                         else:
-                            plan = {"assign": [[(r.start, r.stop) for r in split_ranges(gaps, rank, ctx.world)]
+                            plan = {"assign": [[(r.start, r.stop) for r in split_ranges(gaps, rank, ctx.world, self.batch_size)]
                                                for rank in range(ctx.world)]}
                             for rng in plan["assign"]:
                                 for a, b in rng:
@@ -489,16 +490,31 @@ class _Run:
         return result
 
 
-def split_ranges(ranges: Sequence[range], rank: int, world: int) -> list[range]:
-    """``rank``'s part of the items of ``ranges`` (in order): a balanced, contiguous split by count."""
-    total = sum(len(r) for r in ranges)
-    want = rank_block(total, rank, world)
-    out, at = [], 0
-    for r in ranges:
-        lo, hi = max(want.start - at, 0), min(want.stop - at, len(r))
-        if lo < hi:
-            out.append(range(r.start + lo, r.start + hi))
-        at += len(r)
+def aligned_block(n: int, rank: int, world: int, align: int = 1) -> range:
+    """:func:`rank_block` with its ends moved to the nearest multiple of ``align`` (a batch):
+    every batch then holds the same items as in one process over all ``n``, so the results do
+    not depend on the number of processes (a convolution's last bits may depend on its batch)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} of world {world}")
+    align = max(1, align)
+
+    def cut(r: int) -> int:
+        return n if r == world else min(n, (n * r // world + align // 2) // align * align)
+
+    return range(cut(rank), cut(rank + 1))
+
+
+def split_ranges(ranges: Sequence[range], rank: int, world: int, align: int = 1) -> list[range]:
+    """``rank``'s part of the items of ``ranges`` (in order): a balanced, contiguous split in
+    whole batches of ``align`` items, counted from each range's start."""
+    units = [range(a, min(a + align, r.stop)) for r in ranges for a in range(r.start, r.stop, max(1, align))]
+    want = rank_block(len(units), rank, world)
+    out: list[range] = []
+    for u in units[want.start:want.stop]:
+        if out and out[-1].stop == u.start:
+            out[-1] = range(out[-1].start, u.stop)
+        else:
+            out.append(u)
     return out
 
 
