@@ -420,14 +420,20 @@ class _Run:
                 held.close()
             distributed.gather("ran")  # every rank's pieces are done (or a rank's error stops all)
             result = PassResult(ran=True, seconds=self.seconds, skipped=sorted(set(self.skipped)))
+            status = None
             if ctx.rank == 0:
                 with self.st.lock(self.kind, self.output.work):
-                    if not any(self.st.exists(self.kind, e.key) for e in self.output.entries):
-                        if not self.complete():
-                            raise RuntimeError(f"{self.label}: pieces are missing after every rank finished")
+                    if any(self.st.exists(self.kind, e.key) for e in self.output.entries):
+                        status = "exists"  # a concurrent process published the pass
+                    elif self.complete():
                         result = self.publish(True)
-            published = distributed.gather(result.published if ctx.rank == 0 else None)[0]
-            result.published = bool(published)
+                        status = "published"
+                    else:
+                        status = "again"  # pieces another process holds or left: plan again
+            status = distributed.gather(status)[0]
+            if status == "again":
+                continue
+            result.published = True
             return result
 
     # -- running pieces, publishing ------------------------------------------------------------------
