@@ -81,6 +81,10 @@ def train(
       lavise train my_models.py:build coco --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5
 
       lavise train resnet18 coco --resume
+
+      torchrun --nproc_per_node 4 -m lavise_cli train resnet50 coco   (the ranks share the feature pass)
+
+      lavise --shard 0/4 train resnet50 coco   (one share of it, e.g. an array job; see docs/distributed.md)
     """
     check_number("--lr", lr, low=0, low_open=True)
     check_number("--weight-decay", weight_decay, low=0)
