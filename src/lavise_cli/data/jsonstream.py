@@ -19,6 +19,10 @@ READ = 1 << 20  # characters read at a time
 _WS = " \t\n\r"
 
 
+class ArrayLength(int):
+    """What :func:`stream_arrays` returns for an array: its number of elements."""
+
+
 class _Reader:
     def __init__(self, fh: Any, path: Path) -> None:
         self.fh, self.path = fh, path
@@ -74,7 +78,7 @@ class _Reader:
 def stream_arrays(path: str | Path, handlers: Mapping[str, Callable[[Any], None]]) -> dict[str, Any]:
     """Walk the JSON object in ``path``: each element of an array under a key in ``handlers`` goes
     to that handler, in order; other arrays are skipped element by element; other values are
-    returned as ``{key: value}`` (arrays as the count of their elements)."""
+    returned as ``{key: value}`` (arrays as their :class:`ArrayLength`)."""
     path = Path(path)
     try:
         fh = open(path, encoding="utf-8")
@@ -110,7 +114,7 @@ def stream_arrays(path: str | Path, handlers: Mapping[str, Callable[[Any], None]
                                 break
                             if c != ",":
                                 raise r.bad(f"expected ',' or ']' in {key!r}")
-                    out[key] = n
+                    out[key] = ArrayLength(n)
                 else:
                     out[key] = r.value()
                 c = r.peek()
