@@ -25,7 +25,6 @@ from ..errors import DataError, LaviseError
 from ..store import Entry, FileDigests, Store, stable_digest
 from .columnar import ImageTable, RleTable, SplitColumns, SplitWriter
 from .formats import get_format
-from .validate import check_coco
 
 INDEX_VERSION = 3  # 3: columnar .npy files per split (columnar.py); 2: one JSON per split
 HELD_OUT_FRACTION = 0.2  # share of a dataset's images held out as target when it has no train split
@@ -432,21 +431,16 @@ def register_instances_file(
     stem = ann_file.stem
     split = split or ("val" if "val" in stem else "train")
     name = name or stem
-    try:
-        with open(ann_file) as fh:
-            d = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{ann_file} is not a readable COCO-format JSON file ({e})") from None
-    if not isinstance(d, dict) or not all(k in d for k in ("images", "annotations", "categories")):
-        raise DataError(f"{ann_file} lacks one of the COCO keys images/annotations/categories")
-    check_coco(d, ann_file)
+    from .register import _check_coco_json
+
+    num_images = _check_coco_json(ann_file, ("images", "annotations", "categories"))  # streamed, never whole
     with store.writing(
         "datasets",
         name,
         inputs={f"{split}.annotations": FileDigests(store)(ann_file)},
         settings={"format": "coco", "root": str(images.parent),
                   "splits": {split: {"annotations": str(ann_file), "images": str(images),
-                                     "num_images": len(d["images"])}}},
+                                     "num_images": num_images}}},
     ):
         pass
     return store.get("datasets", name)

@@ -23,6 +23,10 @@ class ArrayLength(int):
     """What :func:`stream_arrays` returns for an array: its number of elements."""
 
 
+class NotAnObject(DataError):
+    """The document is valid so far but not a JSON object."""
+
+
 class _Reader:
     def __init__(self, fh: Any, path: Path) -> None:
         self.fh, self.path = fh, path
@@ -30,7 +34,7 @@ class _Reader:
         self.decoder = json.JSONDecoder()
 
     def bad(self, what: str) -> DataError:
-        return DataError(f"cannot read {self.path}: not valid JSON ({what})")
+        return DataError(f"{self.path} is not valid JSON ({what}); the file is damaged: get it again")
 
     def more(self, at_least: int = READ) -> bool:
         if self.eof:
@@ -88,7 +92,12 @@ def stream_arrays(path: str | Path, handlers: Mapping[str, Callable[[Any], None]
     with fh:
         r = _Reader(fh, path)
         try:
-            r.expect("{")
+            first = r.peek()
+            if first != "{":
+                if first in "[\"-0123456789tfn" and first:
+                    raise NotAnObject(f"{path} holds JSON that is not an object")
+                raise r.bad("expected '{' at the start")
+            r.pos += 1
             if r.peek() == "}":
                 return out
             while True:
@@ -123,6 +132,6 @@ def stream_arrays(path: str | Path, handlers: Mapping[str, Callable[[Any], None]
                     break
                 if c != ",":
                     raise r.bad("expected ',' or '}' after a top-level value")
-        except UnicodeDecodeError as e:
-            raise DataError(f"cannot read {path}: {e}") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path} is not valid JSON (not UTF-8 text); the file is damaged: get it again") from None
     return out

@@ -71,7 +71,7 @@ def stream_coco(path: Path, on_category: Any, on_image: Any, on_annotation: Any,
     """Walk a COCO-format file element by element (:func:`.jsonstream.stream_arrays`), checking
     each entry as :func:`check_coco` does and handing it to its callback; the whole document is
     never in memory.  Returns the top-level values that are not arrays (arrays as their lengths)."""
-    from .jsonstream import ArrayLength, stream_arrays
+    from .jsonstream import ArrayLength, NotAnObject, stream_arrays
 
     counts = {"categories": 0, "images": 0, "annotations": 0}
 
@@ -88,10 +88,8 @@ def stream_coco(path: Path, on_category: Any, on_image: Any, on_annotation: Any,
             "categories": checked("categories", category_problem, on_category),
             "images": checked("images", image_problem, on_image),
             "annotations": checked("annotations", lambda a, k: annotation_problem(a, k, panoptic), on_annotation)})
-    except DataError as e:
-        if "not valid JSON (expected '{'" in str(e):
-            raise coco_error(path, "expected a JSON object with images, annotations and categories", panoptic) from None
-        raise
+    except NotAnObject:
+        raise coco_error(path, "expected a JSON object with images, annotations and categories", panoptic) from None
     for key in ("images", "annotations", "categories"):
         if not isinstance(top.get(key), ArrayLength):
             raise coco_error(path, f"no {key!r} list", panoptic)
