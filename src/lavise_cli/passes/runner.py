@@ -42,7 +42,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..data.loader import image_batches
 from ..layers import capture, forward_to
-from ..runtime import autocast, backbone, backbone_input, default_workers, resolve_precision
+from ..runtime import TRIM_EVERY, autocast, backbone, backbone_input, default_workers, resolve_precision, trim_memory
 from ..store import Store, atomic_write_json, temp_sibling
 
 STATE = "state.json"
@@ -282,6 +282,7 @@ def _loop(images: Dataset, model: nn.Module, layers: Sequence[str], compute: Com
         atomic_write_json(state_path, state)
 
     batches = image_batches(Subset(images, todo), batch_size, workers, device, collate)
+    n_batches = 0
     with torch.inference_mode(), capture(net, layers, stop=True) as feats:
         for batch in batches:
             good = [it for it in batch if it.x is not None]
@@ -298,5 +299,8 @@ def _loop(images: Dataset, model: nn.Module, layers: Sequence[str], compute: Com
             done += len(batch)
             if any(sink.due() for sink in sinks):
                 checkpoint(final=False)
+            n_batches += 1
+            if n_batches % TRIM_EVERY == 0:
+                trim_memory()  # freed image and map buffers go back to the system: memory flat in images
     checkpoint(final=True)
     return PassResult(ran=True, seconds=time.perf_counter() - t0, skipped=sorted(set(state["skipped"])))
