@@ -285,10 +285,12 @@ def train(
             keep = label >= 0
             if settings.seen_fraction is not None:
                 keep &= torch.tensor(seen, dtype=torch.bool)[label.clamp_min(0)]
-            zs.append(f.z[keep])
-            label_parts.append(label[keep])
-            gs.append(f.image[keep] + k * 10_000_000)
-        z, labels, grp = torch.cat(zs), torch.cat(label_parts), torch.cat(gs)
+            every = bool(keep.all())  # then no copy of z is made (it is the largest thing held)
+            zs.append(f.z if every else f.z[keep])
+            label_parts.append(label if every else label[keep])
+            gs.append((f.image if every else f.image[keep]) + k * 10_000_000)
+        z = zs[0] if len(zs) == 1 else torch.cat(zs)
+        labels, grp = torch.cat(label_parts), torch.cat(gs)
         del zs  # the parts; z keeps the cached fp16
         train_mask = torch.tensor(seen, dtype=torch.bool) if settings.seen_fraction is not None else torch.ones(len(concepts), dtype=torch.bool)
         # The loss ranks against the training concepts only (the seen ones in the novel-concept setting).
