@@ -210,7 +210,7 @@ def _chunk_size(p: int, d: int, hw: int, budget: int = 1 << 28) -> int:
 
 def _predicted_vectors(g: Any, cache: TargetCache, filt: torch.Tensor, top: torch.Tensor, method: Any,
                        masked_inputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
-                       progress: Any = None, budget: int = 1 << 30) -> torch.Tensor:
+                       progress: Any = None, budget: int = 1 << 28) -> torch.Tensor:
     """The explainer's unit vectors ``(F, p, e)`` for every (filter, top image) pair of ``filt``.
 
     ``method`` (a :class:`lavise_cli.methods.Method`) makes the inputs from the cached maps, else
@@ -219,31 +219,34 @@ def _predicted_vectors(g: Any, cache: TargetCache, filt: torch.Tensor, top: torc
     d, h, w = cache.shape
     nf, p = top.shape
     uniq, inv = torch.unique(top, return_inverse=True)
-    # Maps of every row needed, loaded once when they fit in ``budget``; else per chunk of filters.
     from_maps = method.map_inputs is not None
-    whole = from_maps and len(uniq) * d * h * w * 4 <= budget
-    maps = cache.maps(uniq) if whole else None
     chunk = _chunk_size(p, d, h * w)
     out: torch.Tensor | None = None
     task = progress.add_task(f"explaining ({method.name})", total=nf, unit="filter") if progress is not None else None
-    if maps is not None:
-        # Rows of one image share its map: each image's rows see it as a broadcast view, so the
-        # maps are never copied once per (filter, image) row.
+    if from_maps:
+        # The maps are streamed: blocks of distinct top images (sorted, so shards are read in
+        # order), at most ``budget`` bytes of float32 maps at a time, whatever d x p is (32,000
+        # rows of 1280 x 7 x 7 would be 7.8 GB at once).  Rows of one image share its map as a
+        # broadcast view, so a map is never copied once per (filter, image) row.
         pos = inv.reshape(-1)
         fr_all = filt.repeat_interleave(p)
         order = torch.argsort(pos, stable=True)
-        counts = torch.bincount(pos, minlength=len(uniq)).tolist()
+        counts = torch.bincount(pos, minlength=len(uniq))
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).tolist()
+        per_block = max(1, budget // max(1, d * h * w * 4))
         z_all: torch.Tensor | None = None
-        start = 0
-        for j, n in enumerate(counts):
-            if n == 0:
-                continue
-            sel = order[start:start + n]
-            start += n
-            z = method.map_inputs(maps[j:j + 1].expand(n, -1, -1, -1), fr_all[sel], cache.threshold)
-            if z_all is None:
-                z_all = torch.empty(len(pos), z.shape[1], dtype=z.dtype)
-            z_all[sel] = z
+        for b0 in range(0, len(uniq), per_block):
+            maps = cache.maps(uniq[b0:b0 + per_block])
+            for j in range(b0, min(len(uniq), b0 + per_block)):
+                n = starts[j + 1] - starts[j]
+                if n == 0:
+                    continue
+                sel = order[starts[j]:starts[j + 1]]
+                z = method.map_inputs(maps[j - b0:j - b0 + 1].expand(n, -1, -1, -1), fr_all[sel], cache.threshold)
+                if z_all is None:
+                    z_all = torch.empty(len(pos), z.shape[1], dtype=z.dtype)
+                z_all[sel] = z
+            del maps
         assert z_all is not None
         for c0 in range(0, len(pos), 8192):
             v = g(z_all[c0:c0 + 8192])
@@ -258,16 +261,8 @@ def _predicted_vectors(g: Any, cache: TargetCache, filt: torch.Tensor, top: torc
         fc = filt[c0:c0 + chunk]
         rows = inv[c0:c0 + chunk].reshape(-1)  # (c*p,) positions in uniq
         fr = fc.repeat_interleave(p)  # the filter of each (filter, image) row
-        if not from_maps:
-            assert masked_inputs is not None
-            z = masked_inputs(uniq[rows], fr)
-        else:
-            if maps is not None:
-                m = maps[rows]
-            else:
-                u2, i2 = torch.unique(rows, return_inverse=True)
-                m = cache.maps(uniq[u2])[i2]
-            z = method.map_inputs(m, fr, cache.threshold)
+        assert masked_inputs is not None
+        z = masked_inputs(uniq[rows], fr)
         v = g(z)  # (c*p, e) unit vectors
         if out is None:
             out = torch.zeros(nf, p, v.shape[1])

@@ -156,3 +156,39 @@ def autocast(device: torch.device | str, precision: str) -> Iterator[str]:
         return
     with torch.autocast(dev.type, dtype=_DTYPES[p]):
         yield p
+
+
+# -- the C allocator --------------------------------------------------------------------------
+
+TRIM_EVERY = 8  # batches between two returns of freed memory to the system (see trim_memory)
+_libc: object | None | bool = False  # False: not looked up yet; None: no glibc here
+
+
+def trim_memory() -> bool:
+    """Hand the C allocator's free memory back to the system (glibc's ``malloc_trim(0)``, through
+    ctypes; nothing elsewhere).  Returns whether it ran.
+
+    A long pass over images of varied sizes frees big buffers (decoded images, maps) into glibc's
+    heaps and arenas, which keep them: measured on the target pass, ≈ 250 KB per image stayed
+    resident (459 → 4,538 MiB over 16k images).  The runner calls this every :data:`TRIM_EVERY`
+    batches, which keeps the resident memory flat in the number of images.
+    """
+    global _libc
+    if _libc is False:
+        _libc = None
+        try:
+            import ctypes
+            import ctypes.util
+
+            name = ctypes.util.find_library("c")
+            lib = ctypes.CDLL(name or "libc.so.6")
+            if hasattr(lib, "malloc_trim") and hasattr(lib, "gnu_get_libc_version"):
+                lib.malloc_trim.argtypes = [ctypes.c_size_t]
+                lib.malloc_trim.restype = ctypes.c_int
+                _libc = lib
+        except (OSError, AttributeError):
+            _libc = None
+    if _libc is None or os.environ.get("LAVISE_NO_TRIM"):
+        return False
+    _libc.malloc_trim(0)  # type: ignore[attr-defined]
+    return True

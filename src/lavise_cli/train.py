@@ -106,7 +106,9 @@ def train_explainer(
     tr_idx, va_idx = validation_split(group, settings, gen)
     if len(tr_idx) < 2:
         raise LaviseError("too few training pairs to train an explainer (need at least 2)")
-    z = feats.float().to(device)
+    # z stays in its cached precision (fp16: half the memory of a float32 copy); each batch is
+    # converted as it is used, which gives exactly the values a float32 copy would hold.
+    z = feats.to(device)
     t = labels.long().to(device)  # each pair's concept: the loss's class labels
     cv = concept_vectors.float().to(device)
     model = Explainer(z.shape[1], cv.shape[1]).to(device)
@@ -141,14 +143,14 @@ def train_explainer(
                 b = order[s:s + bs]
                 if len(b) < 2:  # BatchNorm needs two samples in training mode
                     continue
-                loss = hinge_rank_loss(model(z[b]), t[b], cv, settings.margin)
+                loss = hinge_rank_loss(model(z[b].float()), t[b], cv, settings.margin)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total += loss.item() * len(b)
                 count += len(b)
             train_loss = total / max(count, 1)
-            val_loss = evaluate_loss(model, z[va_idx], t[va_idx], cv, settings.margin) if len(va_idx) else train_loss
+            val_loss = evaluate_loss(model, z, t, cv, settings.margin, rows=va_idx) if len(va_idx) else train_loss
             losses.append({"epoch": epoch + 1, "train": train_loss, "val": val_loss})
             if val_loss < best_val - 1e-6:
                 best_val, best_epoch, bad = val_loss, epoch + 1, 0
@@ -202,12 +204,16 @@ def _save_checkpoint(path: Path, snapshot: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def evaluate_loss(model: Explainer, z: torch.Tensor, t: torch.Tensor, cv: torch.Tensor, margin: float,
-                  chunk: int = 8192) -> float:
+                  chunk: int = 8192, rows: torch.Tensor | None = None) -> float:
+    """The mean loss over ``rows`` of ``z`` (all rows when None), a chunk at a time in float32."""
     model.eval()
     total = 0.0
-    for s in range(0, len(z), chunk):
-        total += float(hinge_rank_loss(model(z[s:s + chunk]), t[s:s + chunk], cv, margin)) * len(z[s:s + chunk])
-    return total / max(len(z), 1)
+    n = len(z) if rows is None else len(rows)
+    for s in range(0, n, chunk):
+        sl = slice(s, s + chunk) if rows is None else rows[s:s + chunk]
+        zb = z[sl].float()
+        total += float(hinge_rank_loss(model(zb), t[sl], cv, margin)) * len(zb)
+    return total / max(n, 1)
 
 
 def train(
@@ -283,10 +289,13 @@ def train(
             keep = label >= 0
             if settings.seen_fraction is not None:
                 keep &= torch.tensor(seen, dtype=torch.bool)[label.clamp_min(0)]
-            zs.append(f.z[keep])
-            label_parts.append(label[keep])
-            gs.append(f.image[keep] + k * 10_000_000)
-        z, labels, grp = torch.cat(zs), torch.cat(label_parts), torch.cat(gs)
+            every = bool(keep.all())  # then no copy of z is made (it is the largest thing held)
+            zs.append(f.z if every else f.z[keep])
+            label_parts.append(label if every else label[keep])
+            gs.append((f.image if every else f.image[keep]) + k * 10_000_000)
+        z = zs[0] if len(zs) == 1 else torch.cat(zs)
+        labels, grp = torch.cat(label_parts), torch.cat(gs)
+        del zs  # the parts; z keeps the cached fp16
         train_mask = torch.tensor(seen, dtype=torch.bool) if settings.seen_fraction is not None else torch.ones(len(concepts), dtype=torch.bool)
         # The loss ranks against the training concepts only (the seen ones in the novel-concept setting).
         train_concepts = torch.nonzero(train_mask).squeeze(1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,10 +23,10 @@ from pycocotools import mask as mask_utils
 from ..embeddings import Embedding, clean_label, load_embedding
 from ..errors import DataError, LaviseError
 from ..store import Entry, FileDigests, Store, stable_digest
+from .columnar import ImageTable, RleTable, SplitColumns, SplitWriter
 from .formats import get_format
-from .validate import check_coco
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: columnar .npy files per split (columnar.py); 2: one JSON per split
 HELD_OUT_FRACTION = 0.2  # share of a dataset's images held out as target when it has no train split
 REFERENCE, HELD_OUT = "reference", "held-out"  # the two parts of a dataset divided that way
 
@@ -34,33 +34,68 @@ REFERENCE, HELD_OUT = "reference", "held-out"  # the two parts of a dataset divi
 # -- reading ------------------------------------------------------------------------------
 
 
-@dataclass
 class SplitIndex:
-    """One split: images, and pairs sorted by image."""
+    """One split: images, and pairs sorted by image, read from the index's memory-mapped columns
+    (:mod:`.columnar`); ``rows`` picks this split's images among the columns' (a part of a divided
+    split), None for all of them."""
 
-    dataset: str
-    split: str
-    image_dir: Path
-    images: list[dict[str, Any]]  # {"id", "file", "height", "width"}
-    pair_image: np.ndarray  # (P,) int64 index into images, non-decreasing
-    pair_concept: np.ndarray  # (P,) int64 index into the dataset's concepts
-    rles: list[str]
-    dropped: dict[str, int] = field(default_factory=dict)
+    def __init__(self, dataset: str, split: str, image_dir: Path, cols: SplitColumns,
+                 rows: np.ndarray | None = None, dropped: dict[str, int] | None = None) -> None:
+        self.dataset, self.split, self.image_dir, self.cols = dataset, split, Path(image_dir), cols
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.dropped = dict(cols.dropped if dropped is None else dropped)
+
+    @cached_property
+    def images(self) -> ImageTable:
+        """``{"id", "file", "height", "width"}`` per image, read when asked for."""
+        return ImageTable(self.cols, self.rows)
+
+    @cached_property
+    def _base(self) -> tuple[np.ndarray, np.ndarray]:
+        """(start, stop) of each image's pairs among the columns' pairs."""
+        o = self.cols["pair_offsets"]
+        if self.rows is None:
+            return o[:-1], o[1:]
+        return np.asarray(o[self.rows], dtype=np.int64), np.asarray(o[self.rows + 1], dtype=np.int64)
 
     @cached_property
     def offsets(self) -> np.ndarray:
         """``pairs of image i`` = ``offsets[i]:offsets[i+1]``."""
-        return np.searchsorted(self.pair_image, np.arange(len(self.images) + 1)).astype(np.int64)
+        if self.rows is None:
+            return self.cols["pair_offsets"]
+        start, stop = self._base
+        return np.concatenate([[0], np.cumsum(stop - start)]).astype(np.int64)
+
+    @cached_property
+    def _pairs(self) -> np.ndarray | None:
+        """This split's pairs among the columns' (None: all of them)."""
+        if self.rows is None:
+            return None
+        start, stop = self._base
+        n = stop - start
+        return (np.repeat(start - self.offsets[:-1], n) + np.arange(int(n.sum()), dtype=np.int64)).astype(np.int64)
+
+    @cached_property
+    def pair_image(self) -> np.ndarray:
+        """(P,) int64 index into images, non-decreasing."""
+        return np.repeat(np.arange(len(self.images), dtype=np.int64), np.diff(self.offsets))
+
+    @property
+    def pair_concept(self) -> np.ndarray:
+        """(P,) int64 index into the dataset's concepts."""
+        c = self.cols["pair_concept"]
+        return c if self._pairs is None else np.asarray(c[self._pairs])
+
+    @cached_property
+    def rles(self) -> RleTable:
+        """Each pair's COCO RLE counts, read by offset when asked for."""
+        return RleTable(self.cols, self._pairs)
 
     def subset(self, name: str, images: np.ndarray) -> "SplitIndex":
         """The split restricted to ``images`` (sorted indices), named ``name``; pairs follow their images."""
         images = np.asarray(images, dtype=np.int64)
-        new = np.full(len(self.images), -1, dtype=np.int64)
-        new[images] = np.arange(len(images))
-        keep = np.flatnonzero(new[self.pair_image] >= 0)
-        return SplitIndex(dataset=self.dataset, split=name, image_dir=self.image_dir,
-                          images=[self.images[i] for i in images.tolist()], pair_image=new[self.pair_image[keep]],
-                          pair_concept=self.pair_concept[keep], rles=[self.rles[k] for k in keep.tolist()])
+        rows = images if self.rows is None else self.rows[images]
+        return SplitIndex(self.dataset, name, self.image_dir, self.cols, rows=rows, dropped={})
 
     def image_path(self, i: int) -> Path:
         return self.image_dir / self.images[i]["file"]
@@ -69,14 +104,21 @@ class SplitIndex:
         return range(int(self.offsets[i]), int(self.offsets[i + 1]))
 
     def masks(self, i: int) -> tuple[np.ndarray, torch.Tensor]:
-        """(concept indices ``(K,)``, binary masks ``uint8 (K, H, W)``) of image ``i``."""
-        sl = self.image_pairs(i)
-        h, w = self.images[i]["height"], self.images[i]["width"]
-        if len(sl) == 0:
+        """(concept indices ``(K,)``, binary masks ``uint8 (K, H, W)``) of image ``i``, decoded
+        from the RLEs read by offset."""
+        row = i if self.rows is None else int(self.rows[i])
+        cols = self.cols
+        h, w = int(cols["height"][row]), int(cols["width"][row])
+        o = cols["pair_offsets"]
+        a, b = int(o[row]), int(o[row + 1])
+        if a == b:
             return np.zeros(0, np.int64), torch.zeros(0, h, w, dtype=torch.uint8)
-        rles = [{"size": [h, w], "counts": self.rles[p].encode()} for p in sl]
+        ro = cols["rle_offsets"]
+        blob = cols["rle"]
+        rles = [{"size": [h, w], "counts": bytes(blob[int(ro[k]):int(ro[k + 1])])} for k in range(a, b)]
         dense = mask_utils.decode(rles)  # (H, W, K) uint8 in {0, 1}, Fortran order
-        return self.pair_concept[sl.start : sl.stop], torch.from_numpy(np.ascontiguousarray(dense.transpose(2, 0, 1)))
+        concepts = np.array(cols["pair_concept"][a:b], dtype=np.int64)
+        return concepts, torch.from_numpy(np.ascontiguousarray(dense.transpose(2, 0, 1)))
 
 
 @dataclass
@@ -122,26 +164,25 @@ def load_index(store: Store, dataset: str) -> DatasetIndex:
     ds = store.get("datasets", dataset).manifest
     if entry["inputs"].get("dataset") != dataset_inputs(store, ds):
         raise LaviseError(f"the index of {dataset!r} is stale (its data changed): run `lavise preprocess {dataset}`")
+    if entry["inputs"].get("version") != INDEX_VERSION:
+        # An index of another layout (version 2 kept one JSON per split) is rebuilt, never misread.
+        raise LaviseError(f"the index of {dataset!r} was built by another version of lavise (index version "
+                          f"{entry['inputs'].get('version')}, this one reads {INDEX_VERSION}): "
+                          f"run `lavise preprocess {dataset}` to rebuild it")
     root = store.path("indexes", dataset)
     meta = json.loads((root / "concepts.json").read_text())
     # A format may decide its own splits and image folders (VG splits its one set of images).
     image_dirs = meta.get("image_dirs") or {s: info["images"] for s, info in ds["settings"]["splits"].items()}
     splits = {}
     for split, image_dir in image_dirs.items():
-        p = root / f"{split}.json"
-        if not p.exists():
+        folder = root / split
+        if not (folder / "split.json").exists():
             continue
-        d = json.loads(p.read_text())
-        splits[split] = SplitIndex(
-            dataset=dataset,
-            split=split,
-            image_dir=Path(image_dir),
-            images=d["images"],
-            pair_image=np.asarray(d["pair_image"], dtype=np.int64),
-            pair_concept=np.asarray(d["pair_concept"], dtype=np.int64),
-            rles=d["rle"],
-            dropped=d.get("dropped", {}),
-        )
+        try:
+            cols = SplitColumns(folder)
+        except (OSError, ValueError) as e:
+            raise LaviseError(f"the index of {dataset!r} is damaged ({e}): run `lavise preprocess {dataset} --force`") from None
+        splits[split] = SplitIndex(dataset, split, Path(image_dir), cols)
     held_out = meta.get("held_out")
     if held_out and held_out["source"] in splits:
         src = splits[held_out["source"]]
@@ -262,13 +303,6 @@ def preprocess(
     workers = workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
     built_all = get_format(fmt)(ds.manifest["settings"], {**options, "seed": seed}, workers, progress)
     built, names = built_all.splits, built_all.categories
-    held_out = None
-    if "train" not in built and built:
-        source = "val" if "val" in built else next(iter(built))
-        n = len(built[source]["images"])
-        held = held_out_images(n, held_out_fraction, seed)
-        held_out = {"source": source, "fraction": held_out_fraction, "seed": seed,
-                    "reference": n - len(held), "held_out": len(held)}
     # Concepts: categories merged by cleaned label (e.g. panoptic "wall-other-merged" -> "wall"),
     # in the order of their first category id.
     label_of = (lambda n: n) if built_all.labels_final else clean_label
@@ -287,42 +321,29 @@ def preprocess(
             f"(e.g. {labels[0]!r}): choose word vectors that cover them with --embedding NAME{hint}"
         )
     seen = seen_split(mapped, seen_fraction, seed)
-    summary: dict[str, Any] = {"dataset": dataset, "embedding": emb.name, "splits": {}, "held_out": held_out,
+    summary: dict[str, Any] = {"dataset": dataset, "embedding": emb.name, "splits": {}, "held_out": None,
                                **built_all.info}
+    held_out, held = None, []
     with store.writing("indexes", dataset, inputs=inputs, settings={"format": fmt, "seen_fraction": seen_fraction,
                                                                        "seed": seed}) as tmp:
+        gone: list[tuple[str, str, str]] = []
         for split, b in built.items():
-            concept = [cat_to_concept[c] for c in b["pair_cat"]]
-            # Merge categories that share a label within an image (union of their RLEs).
-            merged: dict[tuple[int, int], list[str]] = defaultdict(list)
-            for im, cc, r in zip(b["pair_image"], concept, b["rle"]):
-                merged[(im, cc)].append(r)
-            keys = sorted(merged)
-            rles = []
-            for im, cc in keys:
-                parts = merged[(im, cc)]
-                if len(parts) == 1:
-                    rles.append(parts[0])
-                else:
-                    h, w = b["images"][im]["height"], b["images"][im]["width"]
-                    r = mask_utils.merge([{"size": [h, w], "counts": p.encode()} for p in parts], intersect=False)
-                    rles.append(r["counts"].decode())
-            doc = {
-                "images": b["images"],
-                "pair_image": [k[0] for k in keys],
-                "pair_concept": [k[1] for k in keys],
-                "rle": rles,
-                "dropped": b["dropped"],
-            }
-            (tmp / f"{split}.json").write_text(json.dumps(doc))
-            used = Counter(k[1] for k in keys)
+            used, n_images, n_pairs, dropped = write_split(tmp / split, b, cat_to_concept)
+            gone += [(split, f, why) for f, why in b.get("dropped_images", [])]
             summary["splits"][split] = {
-                "images": len(b["images"]),
-                "pairs": len(keys),
+                "images": n_images,
+                "pairs": n_pairs,
                 "concepts": len(used),
                 "pairs_unmapped": sum(v for c, v in used.items() if not mapped[c]),
-                "dropped": b["dropped"],
+                "dropped": dropped,
             }
+        if "train" not in built and built:
+            source = "val" if "val" in built else next(iter(built))
+            n = summary["splits"][source]["images"]
+            held = held_out_images(n, held_out_fraction, seed)
+            held_out = {"source": source, "fraction": held_out_fraction, "seed": seed,
+                        "reference": n - len(held), "held_out": len(held)}
+            summary["held_out"] = held_out
         concepts_doc = {
             "concepts": [
                 {"name": lab, "categories": sorted(c for c, i in cat_to_concept.items() if i == k),
@@ -335,7 +356,6 @@ def preprocess(
             "image_dirs": built_all.image_dirs,
         }
         (tmp / "concepts.json").write_text(json.dumps(concepts_doc, indent=1))
-        gone = [(sp, f, why) for sp, b in built.items() for f, why in b.get("dropped_images", [])]
         if gone:  # name every dropped image, with why: one line each, tab-separated
             (tmp / DROPPED_FILE).write_text("# split\timage\treason\n"
                                             + "".join(f"{sp}\t{f}\t{why}\n" for sp, f, why in gone))
@@ -350,6 +370,35 @@ def preprocess(
         )
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
     return {**summary, "cached": False}
+
+
+def write_split(folder: Path, b: dict[str, Any], cat_to_concept: dict[int, int]) -> tuple[Counter[int], int, int, dict[str, int]]:
+    """Write one split a format built (whole, or streamed in chunks: see :class:`.formats.Built`)
+    as the index's columns, a chunk at a time; categories that share a concept within an image are
+    united.  Returns (pairs per concept, images, pairs, dropped counts)."""
+    writer = SplitWriter(folder)
+    used: Counter[int] = Counter()
+    chunks = b["chunks"] if "chunks" in b else [b]
+    for ch in chunks:
+        images, pair_image, pair_cat, rle = ch["images"], ch["pair_image"], ch["pair_cat"], ch["rle"]
+        per_image: list[dict[int, list[Any]]] = [defaultdict(list) for _ in images]
+        for im, cat, r in zip(pair_image, pair_cat, rle):
+            per_image[im][cat_to_concept[cat]].append(r)
+        for info, pairs in zip(images, per_image):
+            h, w = int(info["height"]), int(info["width"])
+            concepts = sorted(pairs)
+            rles = []
+            for c in concepts:
+                parts = [p.encode() if isinstance(p, str) else p for p in pairs[c]]
+                if len(parts) > 1:  # several categories with one label: the union of their masks
+                    parts = [mask_utils.merge([{"size": [h, w], "counts": p} for p in parts], intersect=False)["counts"]]
+                rles.append(parts[0])
+            used.update(concepts)
+            writer.add_image(int(info["id"]), str(info["file"]), h, w, concepts, rles)
+        del per_image
+    dropped = dict(b.get("dropped") or {})
+    writer.close(dropped)
+    return used, writer.images, writer.pairs, dropped
 
 
 def choose_embedding(store: Store, dataset: str, embedding: str | None) -> tuple[str | None, str]:
@@ -382,21 +431,16 @@ def register_instances_file(
     stem = ann_file.stem
     split = split or ("val" if "val" in stem else "train")
     name = name or stem
-    try:
-        with open(ann_file) as fh:
-            d = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{ann_file} is not a readable COCO-format JSON file ({e})") from None
-    if not isinstance(d, dict) or not all(k in d for k in ("images", "annotations", "categories")):
-        raise DataError(f"{ann_file} lacks one of the COCO keys images/annotations/categories")
-    check_coco(d, ann_file)
+    from .register import _check_coco_json
+
+    num_images = _check_coco_json(ann_file, ("images", "annotations", "categories"))  # streamed, never whole
     with store.writing(
         "datasets",
         name,
         inputs={f"{split}.annotations": FileDigests(store)(ann_file)},
         settings={"format": "coco", "root": str(images.parent),
                   "splits": {split: {"annotations": str(ann_file), "images": str(images),
-                                     "num_images": len(d["images"])}}},
+                                     "num_images": num_images}}},
     ):
         pass
     return store.get("datasets", name)

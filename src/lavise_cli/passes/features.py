@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from ..data.images import View, apply_view_masks, model_input, read_rgb
@@ -100,8 +100,18 @@ def feature_key(model: TargetModel, layer: str, split: SplitIndex, index_digest:
 def _load_cached(store: Store, key: str, layer: str) -> PairFeatures:
     root = store.path("features", key)
     shards = sorted(root.glob("z-*.safetensors"))
-    parts = [load_file(str(p)) for p in shards]
-    cat = {k: torch.cat([p[k] for p in parts]) for k in ("z", "image", "concept", "view")} if parts else None
+    cat: dict[str, torch.Tensor] | None = None
+    if shards:
+        # One column at a time, each shard's part dropped once copied: at most one column's
+        # shards and its result are held together (not every shard of every column).
+        cat = {}
+        for k in ("z", "image", "concept", "view"):
+            parts = []
+            for sp in shards:
+                with safe_open(str(sp), framework="pt") as fh:
+                    parts.append(fh.get_tensor(k))
+            cat[k] = parts[0] if len(parts) == 1 else torch.cat(parts)
+            del parts
     if cat is None:
         d = int(store.manifest("features", key)["settings"]["d"])  # type: ignore[index]
         cat = {"z": torch.zeros(0, d, dtype=torch.float16), **{k: torch.zeros(0, dtype=torch.int64) for k in ("image", "concept", "view")}}

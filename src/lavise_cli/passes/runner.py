@@ -60,7 +60,7 @@ from ..data.loader import image_batches
 from ..distributed import Context
 from ..errors import ShareDone
 from ..layers import capture, forward_to
-from ..runtime import autocast, backbone, backbone_input, default_workers, resolve_precision
+from ..runtime import TRIM_EVERY, autocast, backbone, backbone_input, default_workers, resolve_precision, trim_memory
 from ..store import Store, atomic_write_json, temp_sibling
 
 STATE = "state.json"
@@ -562,6 +562,7 @@ def _loop(images: Dataset, model: nn.Module, layers: Sequence[str], compute: Com
             (state_path.parent / f"sink-{i}{suffix}-{shards.index - 2:05d}.safetensors").unlink(missing_ok=True)
 
     batches = image_batches(Subset(images, todo), batch_size, workers, device, collate)
+    n_batches = 0
     with torch.inference_mode(), capture(net, layers, stop=True) as feats:
         for batch in batches:
             good = [it for it in batch if it.x is not None]
@@ -580,6 +581,9 @@ def _loop(images: Dataset, model: nn.Module, layers: Sequence[str], compute: Com
             done += len(batch)
             if any(sink.due() for sink in sinks):
                 checkpoint(final=False)
+            n_batches += 1
+            if n_batches % TRIM_EVERY == 0:
+                trim_memory()  # freed image and map buffers go back to the system: memory flat in images
     checkpoint(final=True)
     return PassResult(ran=True, seconds=time.perf_counter() - t0, skipped=sorted(set(skipped)))
 

@@ -31,6 +31,12 @@ class Built:
     name.  ``image_dirs``: split -> folder, when the format decides it (else the dataset's own).
     ``labels_final``: names are already concept labels (no ``clean_label``).  ``info``: recorded
     in the index and the summary (e.g. how the format split the images).
+
+    A split may also be *streamed* (large datasets): ``{"chunks": iterable, "dropped": Counter,
+    "dropped_images": list}``, where each chunk is a dict like the above for a block of images
+    (``pair_image`` counts from the chunk's first image) and the iterable fills ``dropped`` and
+    ``dropped_images`` as it goes; ``preprocess`` writes each chunk to the index as it comes, so
+    neither the pairs nor their masks are ever all in memory.  RLE counts may be ``str`` or ``bytes``.
     """
 
     splits: dict[str, dict[str, Any]]
@@ -65,25 +71,30 @@ def accept_images(candidates: Sequence[Candidate], workers: int, progress: Any, 
     from ..pool import pool_map, probe
 
     probes = pool_map(probe, [(c.path,) for c in candidates], workers, progress, desc)
-    out: list[tuple[int, int] | None] = []
-    for c, (status, mode, h, w) in zip(candidates, probes):
-        out.append(None)
-        if status != "ok":
-            dropped[f"images {status}"] += 1
-            gone.append((c.path, f"image {status}"))
-        elif c.problem is not None:
-            dropped[f"images with a {c.problem}"] += 1
-            gone.append((c.path, f"image with a {c.problem}"))
-        elif (c.size is not None and (h, w) != tuple(c.size)) or (c.mask_size is not None and c.mask_size != (h, w)):
-            dropped["images whose size differs from the annotation"] += 1
-            said = c.size if c.size is not None else (None, None)
-            mask = f", its mask {c.mask_size[1]}x{c.mask_size[0]}" if c.mask_size is not None else ""
-            gone.append((c.path, f"image is {w}x{h}{mask}, the annotation says {said[1]}x{said[0]}"))
-        else:
-            if mode != "RGB":
-                dropped[f"images converted from {mode} (kept)"] += 1
-            out[-1] = (h, w)
-    return out
+    return [judge_image(c, p, dropped, gone) for c, p in zip(candidates, probes)]
+
+
+def judge_image(c: Candidate, probed: tuple[str, str | None, int, int], dropped: Counter[str],
+                gone: list[tuple[str, str]]) -> tuple[int, int] | None:
+    """One candidate's verdict given its probe ``(status, mode, height, width)`` (see
+    :func:`accept_images`; for formats that probe an image in the same worker job as its masks)."""
+    status, mode, h, w = probed
+    if status != "ok":
+        dropped[f"images {status}"] += 1
+        gone.append((c.path, f"image {status}"))
+    elif c.problem is not None:
+        dropped[f"images with a {c.problem}"] += 1
+        gone.append((c.path, f"image with a {c.problem}"))
+    elif (c.size is not None and (h, w) != tuple(c.size)) or (c.mask_size is not None and c.mask_size != (h, w)):
+        dropped["images whose size differs from the annotation"] += 1
+        said = c.size if c.size is not None else (None, None)
+        mask = f", its mask {c.mask_size[1]}x{c.mask_size[0]}" if c.mask_size is not None else ""
+        gone.append((c.path, f"image is {w}x{h}{mask}, the annotation says {said[1]}x{said[0]}"))
+    else:
+        if mode != "RGB":
+            dropped[f"images converted from {mode} (kept)"] += 1
+        return (h, w)
+    return None
 
 
 Builder = Callable[..., Built]
