@@ -127,7 +127,9 @@ def explain(
 @app.command()
 @handle_errors
 def evaluate(
-    explainer: Optional[str] = EXPLAINER,
+    explainers: List[str] = typer.Option([], "--explainer", "-e",
+                                         help="Explainer name (default: the latest trained); repeat it to compare "
+                                              "several in one table (-e A -e B ...)."),
     recall: str = typer.Option("5,10,20", "--recall", "-r", help="Cut-offs s for recall@s."),
     methods: str = typer.Option(DEFAULT_METHOD, "--methods", help=f"Comma list of {', '.join(ALL_METHODS)}, or all."),
     filters: Optional[str] = typer.Option(None, "--filters", "-f", help="Filters to score (default: all)."),
@@ -143,10 +145,16 @@ def evaluate(
     precision: str = PRECISION,
     retrieval: str = RETRIEVAL,
     rank: str = RANK,
-    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON document on stdout (with several explainers: "
+                                                        "{\"explainers\": [one entry per explainer]})."),
     image_dir: Optional[Path] = typer.Option(None, "--image-dir", hidden=True),
 ) -> None:
     """Score explanations against ground-truth concepts: recall@s (LaViSE's objective measure).
+
+    Several explainers (-e A -e B ...) give one table with a row per explainer and method, e.g. the
+    paper's layer comparison (Table 3) after `lavise train MODEL DATA --layer layer2 --layer layer3
+    --layer layer4`; explainers trained with --seen-fraction 0.3,0.5,0.7,0.9 add a table of the
+    recall on unseen concepts per seen fraction (the annotation-rate experiment, Fig. 7).
 
     Examples:
 
@@ -155,6 +163,8 @@ def evaluate(
       lavise evaluate --methods all --json > recall.json
 
       lavise evaluate --vocab concepts --methods attention,original,frequency
+
+      lavise evaluate -e resnet18-layer2-coco -e resnet18-layer3-coco -e resnet18-layer4-coco
     """
     if image_dir is not None:
         raise LaviseError("evaluate needs labels: a plain image folder (--image-dir) has none; score on a "
@@ -167,27 +177,44 @@ def evaluate(
         raise LaviseError("--recall takes positive cut-offs, e.g. 5,10,20")
     chosen_methods = parse_methods(methods)
     check_word_settings(retrieval, rank)
-    check_filters(state.store, explainer, filters, filters is None)
+    names: list[Optional[str]] = list(dict.fromkeys(explainers)) or [None]
+    for name in names:  # every explainer and --filters checked before any (long) target pass
+        check_filters(state.store, name, filters, filters is None)
+    results, vocabs = [], []
     with progress() as prog:
-        ses = open_session(state.store, explainer, datasets=dataset, split=split, model=model, layer=layer,
-                           device=device, batch_size=batch_size, precision=precision, progress=prog)
-        warn_trained_on(ses)
-        if not ses.target.labelled:
-            raise LaviseError("evaluate needs a labelled target set (a preprocessed dataset)")
-        chosen = parse_filters(filters, ses.cache.shape[0], filters is None)
-        voc = vocabulary_for(ses, vocab, vocab_size)
-        res = evaluate_methods(ses, chosen_methods, voc, cuts=cuts, p=images_per_filter, filters=chosen, progress=prog,
-                               retrieval=retrieval, rank=rank)
-    path = save_result(ses, "evaluate", res, {"target": ses.target.key, "vocab": voc.describe(), "methods": chosen_methods,
-                                              "filters": chosen, "p": images_per_filter, "cuts": cuts,
-                                              "precision": ses.precision, "retrieval": retrieval, "rank": rank,
-                                              "region": res["region"]})
-    res["saved"] = str(path)
+        for name in names:
+            ses = open_session(state.store, name, datasets=dataset, split=split, model=model, layer=layer,
+                               device=device, batch_size=batch_size, precision=precision, progress=prog)
+            warn_trained_on(ses)
+            if not ses.target.labelled:
+                raise LaviseError("evaluate needs a labelled target set (a preprocessed dataset)")
+            chosen = parse_filters(filters, ses.cache.shape[0], filters is None)
+            voc = vocabulary_for(ses, vocab, vocab_size)
+            res = evaluate_methods(ses, chosen_methods, voc, cuts=cuts, p=images_per_filter, filters=chosen,
+                                   progress=prog, retrieval=retrieval, rank=rank)
+            path = save_result(ses, "evaluate", res, {"target": ses.target.key, "vocab": voc.describe(),
+                                                      "methods": chosen_methods, "filters": chosen, "p": images_per_filter,
+                                                      "cuts": cuts, "precision": ses.precision, "retrieval": retrieval,
+                                                      "rank": rank, "region": res["region"]})
+            res["saved"] = str(path)
+            res["seen_fraction"] = (ses.meta.get("settings") or {}).get("seen_fraction")
+            res["target_description"] = f"{ses.target.description} ({ses.cache.n} images)"
+            results.append(res)
+            vocabs.append(voc)
     if json_out:
-        emit_json({k: v for k, v in res.items() if k != "per_filter"} | {"per_filter_saved": str(path)})
+        docs = [{k: v for k, v in r.items() if k not in ("per_filter", "target_description")}
+                | {"per_filter_saved": r["saved"]} for r in results]
+        if len(docs) == 1:
+            emit_json(docs[0])
+        else:
+            emit_json({"explainers": docs, "annotation_rate": annotation_rate(results, cuts)})
         return
-    t = Table(title=f"recall@s · {ses.entry.name} on {ses.target.description} ({ses.cache.n} images) · "
-                    f"vocabulary {voc.source} ({len(voc.words)})")
+    several = len(results) > 1
+    first, voc = results[0], vocabs[0]
+    title = "recall@s" if several else f"recall@s · {first['explainer']}"
+    t = Table(title=f"{title} on {first['target_description']} · vocabulary {voc.source} ({len(voc.words)})")
+    if several:
+        t.add_column("explainer", overflow="fold")  # its layer is in its name (and in --json)
     t.add_column("method", no_wrap=True)
     for s in cuts:
         t.add_column(f"R@{s}", justify="right", no_wrap=True)
@@ -195,6 +222,8 @@ def evaluate(
     t.caption = f"R@s cells: mean over (filter, image) pairs / mean over filters · retrieval {retrieval}"
     # Diversity in a table of its own, so that the recall table keeps its width.
     dt = Table(title=f"diversity of the filters' words (ranked by {rank})")
+    if several:
+        dt.add_column("explainer", overflow="fold")
     dt.add_column("method", no_wrap=True)
     for name in ("distinct top-1", "top-1 share (word)", "filters/word"):
         dt.add_column(name, justify="right", no_wrap=True)
@@ -204,24 +233,61 @@ def evaluate(
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}"
 
-    rows = []
-    for m, r in res["methods"].items():
-        rows.append((m, r))
-        for sub in ("seen", "unseen"):
-            if sub in r:
-                rows.append((f"  {m} ({sub} concepts)", r[sub]))
-    for m, r in rows:
-        cells = []
-        for s in cuts:
-            cells.append(f"{fmt(r[f'recall@{s}']['pair_mean'])}/{fmt(r[f'recall@{s}']['filter_mean'])}")
-        t.add_row(m, *cells, f"{r['filters']}/{r['pairs']}/{r['skipped']}")
-    for m, r in res["methods"].items():
-        dv = r.get("diversity")
-        if dv is not None:
-            common = (r.get("diversity_detail") or {}).get("most_common")
-            share = fmt(dv["top1_share"]) + (f" ({common})" if common else "")
-            dt.add_row(m, str(dv["distinct_top1"]), share,
-                       "-" if dv["filters_per_word"] is None else f"{dv['filters_per_word']:.1f}")
+    for res in results:
+        lead = [res["explainer"]] if several else []
+        rows = []
+        for m, r in res["methods"].items():
+            rows.append((m, r))
+            for sub in ("seen", "unseen"):
+                if sub in r:
+                    rows.append((f"  {m} ({sub} concepts)", r[sub]))
+        for m, r in rows:
+            cells = []
+            for s in cuts:
+                cells.append(f"{fmt(r[f'recall@{s}']['pair_mean'])}/{fmt(r[f'recall@{s}']['filter_mean'])}")
+            t.add_row(*lead, m, *cells, f"{r['filters']}/{r['pairs']}/{r['skipped']}")
+        for m, r in res["methods"].items():
+            dv = r.get("diversity")
+            if dv is not None:
+                common = (r.get("diversity_detail") or {}).get("most_common")
+                share = fmt(dv["top1_share"]) + (f" ({common})" if common else "")
+                dt.add_row(*lead, m, str(dv["distinct_top1"]), share,
+                           "-" if dv["filters_per_word"] is None else f"{dv['filters_per_word']:.1f}")
+        if several and res is not results[-1]:
+            t.add_section()
     out.print(t)
     out.print(dt)
-    info(f"pairs with no ground-truth concept (IoU > 0.04) are skipped; saved {path}")
+    rate = annotation_rate(results, cuts)
+    if several and rate:
+        at = Table(title="annotation rate: recall@s on unseen concepts by share of concepts annotated (seen)")
+        at.add_column("seen fraction", justify="right", no_wrap=True)
+        at.add_column("explainer", overflow="fold")
+        at.add_column("method", no_wrap=True)
+        for s in cuts:
+            at.add_column(f"unseen R@{s}", justify="right", no_wrap=True)
+        at.add_column("filters/pairs", justify="right", no_wrap=True)
+        at.caption = "cells: mean over (filter, image) pairs / mean over filters; ground truth: unseen concepts only"
+        for row in rate:
+            at.add_row(f"{row['seen_fraction']:g}", row["explainer"], row["method"],
+                       *[f"{fmt(row[f'recall@{s}']['pair_mean'])}/{fmt(row[f'recall@{s}']['filter_mean'])}" for s in cuts],
+                       f"{row['filters']}/{row['pairs']}")
+        out.print(at)
+    info("pairs with no ground-truth concept (IoU > 0.04) are skipped; saved "
+         + ", ".join(r["saved"] for r in results))
+
+
+def annotation_rate(results: list[dict], cuts: list[int]) -> list[dict]:
+    """Rows of the annotation-rate table: per explainer trained on a share of the concepts (its
+    ``seen_fraction``) and method, the recall on the unseen concepts; sorted by share."""
+    rows = []
+    for res in results:
+        frac = res.get("seen_fraction")
+        if frac is None or not res.get("novel_concepts"):
+            continue
+        for m, r in res["methods"].items():
+            if "unseen" in r:
+                u = r["unseen"]
+                rows.append({"seen_fraction": frac, "explainer": res["explainer"], "method": m,
+                             "filters": u["filters"], "pairs": u["pairs"],
+                             **{f"recall@{s}": u[f"recall@{s}"] for s in cuts}})
+    return sorted(rows, key=lambda r: (r["seen_fraction"], r["explainer"], r["method"]))
