@@ -101,9 +101,11 @@ def test_layers_share_one_pass_and_evaluate_compares_explainers(toy: dict[str, A
             "--recall", "1,2")
     assert r.exit_code == 0, r.output
     recall_table = r.stdout.split("diversity")[0]
-    rows = [ln for ln in recall_table.splitlines() if ("t3-act" in ln or "t3-feat" in ln)
-            and ("attention" in ln or "original" in ln)]
-    assert len(rows) == 4 and "…" not in recall_table  # one row per explainer x method, in one table
+    rows = [ln.split("│")[1:3] for ln in recall_table.splitlines() if "attention" in ln or "original" in ln]
+    # one row per explainer x method, in one table, the explainers numbered as the legend says
+    assert [[c.strip() for c in row] for row in rows] == [["1", "attention"], ["1", "original"], ["2", "attention"],
+                                                          ["2", "original"]]
+    assert "…" not in recall_table and "#1 t3-act (" in r.stdout and "#2 t3-feat (" in r.stdout
     assert_clear_error(cli("evaluate", "-e", "t3-act", "-e", "nope"), "nope")
 
 

@@ -213,8 +213,8 @@ def evaluate(
     first, voc = results[0], vocabs[0]
     title = "recall@s" if several else f"recall@s · {first['explainer']}"
     t = Table(title=f"{title} on {first['target_description']} · vocabulary {voc.source} ({len(voc.words)})")
-    if several:
-        t.add_column("explainer", overflow="fold")  # its layer is in its name (and in --json)
+    if several:  # explainers by number (names can be long): the legend follows the tables
+        t.add_column("#", justify="right", no_wrap=True)
     t.add_column("method", no_wrap=True)
     for s in cuts:
         t.add_column(f"R@{s}", justify="right", no_wrap=True)
@@ -223,7 +223,7 @@ def evaluate(
     # Diversity in a table of its own, so that the recall table keeps its width.
     dt = Table(title=f"diversity of the filters' words (ranked by {rank})")
     if several:
-        dt.add_column("explainer", overflow="fold")
+        dt.add_column("#", justify="right", no_wrap=True)
     dt.add_column("method", no_wrap=True)
     for name in ("distinct top-1", "top-1 share (word)", "filters/word"):
         dt.add_column(name, justify="right", no_wrap=True)
@@ -233,8 +233,8 @@ def evaluate(
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}"
 
-    for res in results:
-        lead = [res["explainer"]] if several else []
+    for k, res in enumerate(results, start=1):
+        lead = [str(k)] if several else []
         rows = []
         for m, r in res["methods"].items():
             rows.append((m, r))
@@ -257,18 +257,24 @@ def evaluate(
             t.add_section()
     out.print(t)
     out.print(dt)
+    number = {res["explainer"]: k for k, res in enumerate(results, start=1)}
+    if several:
+        for k, res in enumerate(results, start=1):
+            seen = "" if res.get("seen_fraction") is None else f", seen fraction {res['seen_fraction']:g}"
+            out.print(f"  #{k} {res['explainer']} ({res['model']} {res['layer']}{seen})", highlight=False,
+                      soft_wrap=True)
     rate = annotation_rate(results, cuts)
     if several and rate:
         at = Table(title="annotation rate: recall@s on unseen concepts by share of concepts annotated (seen)")
         at.add_column("seen fraction", justify="right", no_wrap=True)
-        at.add_column("explainer", overflow="fold")
+        at.add_column("#", justify="right", no_wrap=True)
         at.add_column("method", no_wrap=True)
         for s in cuts:
             at.add_column(f"unseen R@{s}", justify="right", no_wrap=True)
         at.add_column("filters/pairs", justify="right", no_wrap=True)
         at.caption = "cells: mean over (filter, image) pairs / mean over filters; ground truth: unseen concepts only"
         for row in rate:
-            at.add_row(f"{row['seen_fraction']:g}", row["explainer"], row["method"],
+            at.add_row(f"{row['seen_fraction']:g}", str(number[row["explainer"]]), row["method"],
                        *[f"{fmt(row[f'recall@{s}']['pair_mean'])}/{fmt(row[f'recall@{s}']['filter_mean'])}" for s in cuts],
                        f"{row['filters']}/{row['pairs']}")
         out.print(at)
