@@ -180,7 +180,7 @@ def evaluate(
     names: list[Optional[str]] = list(dict.fromkeys(explainers)) or [None]
     for name in names:  # every explainer and --filters checked before any (long) target pass
         check_filters(state.store, name, filters, filters is None)
-    results, vocabs = [], []
+    results = []
     with progress() as prog:
         for name in names:
             ses = open_session(state.store, name, datasets=dataset, split=split, model=model, layer=layer,
@@ -200,7 +200,6 @@ def evaluate(
             res["seen_fraction"] = (ses.meta.get("settings") or {}).get("seen_fraction")
             res["target_description"] = f"{ses.target.description} ({ses.cache.n} images)"
             results.append(res)
-            vocabs.append(voc)
     if json_out:
         docs = [{k: v for k, v in r.items() if k not in ("per_filter", "target_description")}
                 | {"per_filter_saved": r["saved"]} for r in results]
@@ -209,16 +208,26 @@ def evaluate(
         else:
             emit_json({"explainers": docs, "annotation_rate": annotation_rate(results, cuts)})
         return
+    print_evaluation(results, cuts, retrieval, rank)
+
+
+def print_evaluation(results: list[dict], cuts: list[int], retrieval: str, rank: str) -> None:
+    """The tables of ``evaluate``: recall (a row per explainer x method), diversity, and with
+    explainers trained on shares of the concepts, the unseen recall per share."""
     several = len(results) > 1
-    first, voc = results[0], vocabs[0]
+    first = results[0]
     title = "recall@s" if several else f"recall@s · {first['explainer']}"
-    t = Table(title=f"{title} on {first['target_description']} · vocabulary {voc.source} ({len(voc.words)})")
+    target = first.get("target_description") or f"{first['target']} ({first['target_images']} images)"
+    t = Table(title=f"{title} on {target} · vocabulary {first['vocabulary']['source']} "
+                    f"({first['vocabulary']['size']})")
     if several:  # explainers by number (names can be long): the legend follows the tables
         t.add_column("#", justify="right", no_wrap=True)
-    t.add_column("method", no_wrap=True)
+    # The method (and the seen/unseen rows' labels) wraps, the figures never are cut.
+    t.add_column("method", min_width=9)
     for s in cuts:
         t.add_column(f"R@{s}", justify="right", no_wrap=True)
-    t.add_column("filters/pairs/skipped", justify="right", no_wrap=True)
+    counts = [f"{r['filters']}/{r['pairs']}/{r['skipped']}" for res in results for r in res["methods"].values()]
+    t.add_column("filters / pairs / skipped", justify="right", min_width=max(map(len, counts), default=8))
     t.caption = f"R@s cells: mean over (filter, image) pairs / mean over filters · retrieval {retrieval}"
     # Diversity in a table of its own, so that the recall table keeps its width.
     dt = Table(title=f"diversity of the filters' words (ranked by {rank})")
@@ -268,7 +277,7 @@ def evaluate(
         at = Table(title="annotation rate: recall@s on unseen concepts by share of concepts annotated (seen)")
         at.add_column("seen fraction", justify="right", no_wrap=True)
         at.add_column("#", justify="right", no_wrap=True)
-        at.add_column("method", no_wrap=True)
+        at.add_column("method", min_width=9)
         for s in cuts:
             at.add_column(f"unseen R@{s}", justify="right", no_wrap=True)
         at.add_column("filters/pairs", justify="right", no_wrap=True)
@@ -279,7 +288,7 @@ def evaluate(
                        f"{row['filters']}/{row['pairs']}")
         out.print(at)
     info("pairs with no ground-truth concept (IoU > 0.04) are skipped; saved "
-         + ", ".join(r["saved"] for r in results))
+         + ", ".join(str(r.get("saved")) for r in results))
 
 
 def annotation_rate(results: list[dict], cuts: list[int]) -> list[dict]:
