@@ -222,13 +222,14 @@ def print_evaluation(results: list[dict], cuts: list[int], retrieval: str, rank:
                     f"({first['vocabulary']['size']})")
     if several:  # explainers by number (names can be long): the legend follows the tables
         t.add_column("#", justify="right", no_wrap=True)
-    # The method (and the seen/unseen rows' labels) wraps, the figures never are cut.
-    t.add_column("method", min_width=9)
+    # Narrow enough for 80 columns: the counts header wraps, no figure is ever cut.
+    t.add_column("method", no_wrap=True)
     for s in cuts:
         t.add_column(f"R@{s}", justify="right", no_wrap=True)
-    counts = [f"{r['filters']}/{r['pairs']}/{r['skipped']}" for res in results for r in res["methods"].values()]
-    t.add_column("filters / pairs / skipped", justify="right", min_width=max(map(len, counts), default=8))
-    t.caption = f"R@s cells: mean over (filter, image) pairs / mean over filters · retrieval {retrieval}"
+    t.add_column("filters / pairs / skipped", justify="right")  # the header wraps, the figures never
+    t.caption = (f"R@s cells: mean over (filter, image) pairs / mean over filters · retrieval {retrieval}"
+                 + (" · rows '· seen'/'· unseen': the method's recall on the concepts the explainer was / was not "
+                    "trained on" if any(r.get("novel_concepts") for r in results) else ""))
     # Diversity in a table of its own, so that the recall table keeps its width.
     dt = Table(title=f"diversity of the filters' words (ranked by {rank})")
     if several:
@@ -249,7 +250,7 @@ def print_evaluation(results: list[dict], cuts: list[int], retrieval: str, rank:
             rows.append((m, r))
             for sub in ("seen", "unseen"):
                 if sub in r:
-                    rows.append((f"  {m} ({sub} concepts)", r[sub]))
+                    rows.append((f"  · {sub}", r[sub]))
         for m, r in rows:
             cells = []
             for s in cuts:
@@ -275,12 +276,12 @@ def print_evaluation(results: list[dict], cuts: list[int], retrieval: str, rank:
     rate = annotation_rate(results, cuts)
     if several and rate:
         at = Table(title="annotation rate: recall@s on unseen concepts by share of concepts annotated (seen)")
-        at.add_column("seen fraction", justify="right", no_wrap=True)
+        at.add_column("seen", justify="right", no_wrap=True)
         at.add_column("#", justify="right", no_wrap=True)
-        at.add_column("method", min_width=9)
+        at.add_column("method", no_wrap=True)
         for s in cuts:
             at.add_column(f"unseen R@{s}", justify="right", no_wrap=True)
-        at.add_column("filters/pairs", justify="right", no_wrap=True)
+        at.add_column("filters / pairs", justify="right")
         at.caption = "cells: mean over (filter, image) pairs / mean over filters; ground truth: unseen concepts only"
         for row in rate:
             at.add_row(f"{row['seen_fraction']:g}", str(number[row["explainer"]]), row["method"],
