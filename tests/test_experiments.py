@@ -128,7 +128,13 @@ def test_seen_fractions_train_from_one_pass_and_report_unseen_recall(toy: dict[s
     concepts = load_index(store, "toy").concepts
     for e, t in zip(doc["explainers"], trained):
         assert e["pairs"]["train_and_val"] == sum(concepts[c] in t for c in split.pair_concept.tolist())
+    from lavise_cli import methods
+
+    gt_calls: list[int] = []
+    real_gt = methods.ground_truth
+    monkeypatch.setattr(methods, "ground_truth", lambda *a, **kw: gt_calls.append(1) or real_gt(*a, **kw))
     ev = cli.json("evaluate", "-e", "rate-seen0.3", "-e", "rate-seen0.7", "--vocab", "concepts", "--recall", "1,2")
+    assert len(gt_calls) == 1  # one layer, one target pass: its ground truth computed once for both
     rate = ev["annotation_rate"]
     assert [(r["seen_fraction"], r["explainer"]) for r in rate] == [(0.3, "rate-seen0.3"), (0.7, "rate-seen0.7")]
     for r, e in zip(rate, ev["explainers"]):

@@ -181,6 +181,7 @@ def evaluate(
     for name in names:  # every explainer and --filters checked before any (long) target pass
         check_filters(state.store, name, filters, filters is None)
     results = []
+    memo: dict = {}  # the ground truth of explainers that share a target pass, computed once
     with progress() as prog:
         for name in names:
             ses = open_session(state.store, name, datasets=dataset, split=split, model=model, layer=layer,
@@ -191,7 +192,7 @@ def evaluate(
             chosen = parse_filters(filters, ses.cache.shape[0], filters is None)
             voc = vocabulary_for(ses, vocab, vocab_size)
             res = evaluate_methods(ses, chosen_methods, voc, cuts=cuts, p=images_per_filter, filters=chosen,
-                                   progress=prog, retrieval=retrieval, rank=rank)
+                                   progress=prog, retrieval=retrieval, rank=rank, memo=memo)
             path = save_result(ses, "evaluate", res, {"target": ses.target.key, "vocab": voc.describe(),
                                                       "methods": chosen_methods, "filters": chosen, "p": images_per_filter,
                                                       "cuts": cuts, "precision": ses.precision, "retrieval": retrieval,
