@@ -51,8 +51,11 @@ def test_formats_are_looked_up_by_name_and_an_unknown_one_is_a_clear_error() -> 
     assert get_format("coco") is build_instances
     assert get_format("coco-panoptic") is build_panoptic
     assert get_format("vg") is build_vg
-    with pytest.raises(LaviseError, match="broden.*supported formats: coco, coco-panoptic, vg"):
-        get_format("broden")
+    from lavise_cli.data.formats.broden import build_broden
+
+    assert get_format("broden") is build_broden
+    with pytest.raises(LaviseError, match="pascal.*supported formats: broden, coco, coco-panoptic, vg"):
+        get_format("pascal")
 
 
 def test_a_registered_format_is_found(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,6 +33,7 @@ _EXPORTS = {
     "build_vocabulary": "embeddings",
     "register_coco": "data.register",
     "register_vg": "data.register",
+    "register_broden": "data.register",
     "remove_dataset": "data.register",
     "download_dataset": "download",
     "download_glove": "download",

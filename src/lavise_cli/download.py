@@ -10,8 +10,9 @@ Everything here works without the command line (``lavise download`` is a thin sh
 The generic pieces live in their own modules and are re-exported here unchanged:
 :func:`fetch` / :func:`part_path` / :func:`human_size` (:mod:`lavise_cli.fetch.http`),
 :func:`extract` / :func:`is_archive` (:mod:`lavise_cli.fetch.archives`), and
-:func:`register_coco` / :func:`register_vg` / :func:`downloads_dir` / :func:`remove_dataset`
-(:mod:`lavise_cli.data.register`, the offline route: a local copy is checked and recorded).
+:func:`register_coco` / :func:`register_vg` / :func:`register_broden` / :func:`downloads_dir` /
+:func:`remove_dataset` (:mod:`lavise_cli.data.register`, the offline route: a local copy is
+checked and recorded; Broden has only that route).
 
 Every source URL can be redirected to a mirror with the environment variable
 ``LAVISE_MIRROR``: ``http://images.cocodataset.org/zips/val2017.zip`` then becomes
@@ -38,6 +39,7 @@ from .data.register import (
     VG_IMAGE_DIRS,
     Removed,
     downloads_dir,
+    register_broden,
     register_coco,
     register_vg,
     remove_dataset,
@@ -54,8 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [  # the public names, including those re-exported from their new homes
     "DATASET_KINDS", "DEFAULT_GLOVE", "GENSIM_DATA_URL", "GENSIM_MODELS", "MIRROR_ENV", "SOURCES", "SPLITS",
     "USER_AGENT", "VG_IMAGE_DIRS", "Removed", "Source", "download_dataset", "download_glove", "download_weights",
-    "downloads_dir", "extract", "fetch", "glove_source", "human_size", "is_archive", "part_path", "register_coco",
-    "register_vg", "remove_dataset", "resolve_url", "sources_for",
+    "downloads_dir", "extract", "fetch", "glove_source", "human_size", "is_archive", "part_path", "register_broden",
+    "register_coco", "register_vg", "remove_dataset", "resolve_url", "sources_for",
 ]
 
 MIRROR_ENV = "LAVISE_MIRROR"

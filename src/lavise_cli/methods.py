@@ -178,8 +178,13 @@ def evaluate_methods(
     retrieval: str = DEFAULT_RETRIEVAL,
     rank: str = DEFAULT_RANK,
     cells: bool = True,
+    memo: dict[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """recall@s of each method over the labelled target set (per method.md), with its diversity.
+
+    ``memo``: a dict shared by several calls (``evaluate -e A -e B``) keeps the ground truth of one
+    target pass (same cached maps, filters, ``p``, concepts and mask size), so explainers of one
+    layer compute it once.
 
     ``retrieval`` picks each image's words (it changes recall), ``rank`` a filter's words (it
     changes only the diversity figures); ``cells=False`` scores the plain bilinear regions (before
@@ -200,7 +205,12 @@ def evaluate_methods(
     novel_setting = len(trained) < len(session.meta["concepts"])
     seen_mask = torch.tensor([c in trained for c in space.labels], dtype=torch.bool)
     top_rows = top_images(session.cache, p)[torch.as_tensor(filters, dtype=torch.long)]
-    gt = ground_truth(session.target, session.cache, filters, top_rows, session.size, space, progress, cells=cells)
+    key = (str(session.cache.root), tuple(filters), int(top_rows.shape[1]), tuple(space.labels), session.size, cells)
+    gt = memo.get(key) if memo is not None else None
+    if gt is None:
+        gt = ground_truth(session.target, session.cache, filters, top_rows, session.size, space, progress, cells=cells)
+        if memo is not None:
+            memo[key] = gt
     v2c = vocab_to_concepts(vocab, space)
     results: dict[str, Any] = {}
     per_filter: dict[str, Any] = {}

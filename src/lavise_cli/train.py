@@ -6,7 +6,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -237,13 +237,27 @@ def train(
     precision: str = "auto",
     progress: Any = None,
     on_epoch: Callable[[int], None] | None = None,
+    seen_fractions: Sequence[float] | None = None,
 ) -> list[TrainResult]:
     """Train one explainer per layer on the union of the datasets' train splits.
 
     ``precision`` (auto, fp32, bf16, fp16) is the feature pass's autocast precision, see
     :func:`lavise_cli.runtime.resolve_precision`; the resolved one is in the explainer's metadata.
+    ``seen_fractions`` (the annotation-rate experiment, paper Fig. 7): one explainer per layer and
+    fraction, each trained on that share of the concepts (``settings.seen_fraction`` set to it;
+    named ``...-seen0.3``), all from the one feature pass; with the same seed a smaller fraction's
+    seen concepts are a subset of a larger one's.
     """
     settings = settings or TrainSettings()
+    if seen_fractions:
+        fractions: list[float | None] = []
+        for f in seen_fractions:
+            if not 0.0 < float(f) <= 1.0:
+                raise LaviseError(f"--seen-fraction takes shares in (0, 1], got {f}")
+            if float(f) not in fractions:
+                fractions.append(float(f))
+    else:
+        fractions = [settings.seen_fraction]
     if not datasets:
         raise LaviseError("name at least one preprocessed dataset, e.g. `lavise train resnet18 coco`")
     dev = resolve_device(device)
@@ -261,7 +275,7 @@ def train(
     check_ignored(model, layers)
     for layer in layers:
         resolve_layer(model.module, layer)
-    concepts, cvecs, seen = merged_concepts(indexes, emb, settings.seen_fraction, settings.seed)
+    concepts, cvecs, _ = merged_concepts(indexes, emb, None, settings.seed)
     cidx = {c: i for i, c in enumerate(concepts)}
     t0 = time.perf_counter()
     per_ds = []
@@ -280,14 +294,16 @@ def train(
                                    for i in torch.unique(next(iter(fs.values())).image).tolist()])
     results = []
     ds_label = "+".join(datasets)
-    for layer in layers:
+    for layer, fraction in [(layer, f) for layer in layers for f in fractions]:
+        run_settings = settings if fraction == settings.seen_fraction else replace(settings, seen_fraction=fraction)
+        _, _, seen = merged_concepts(indexes, emb, fraction, settings.seed)
         zs, label_parts, gs = [], [], []
         for k, (ix, fs) in enumerate(zip(indexes, per_ds)):
             f = fs[layer]
             local = torch.tensor([cidx.get(c, -1) for c in ix.concepts], dtype=torch.long)
             label = local[f.concept]  # each pair's concept in the merged list (-1: none)
             keep = label >= 0
-            if settings.seen_fraction is not None:
+            if run_settings.seen_fraction is not None:
                 keep &= torch.tensor(seen, dtype=torch.bool)[label.clamp_min(0)]
             every = bool(keep.all())  # then no copy of z is made (it is the largest thing held)
             zs.append(f.z if every else f.z[keep])
@@ -296,29 +312,31 @@ def train(
         z = zs[0] if len(zs) == 1 else torch.cat(zs)
         labels, grp = torch.cat(label_parts), torch.cat(gs)
         del zs  # the parts; z keeps the cached fp16
-        train_mask = torch.tensor(seen, dtype=torch.bool) if settings.seen_fraction is not None else torch.ones(len(concepts), dtype=torch.bool)
+        train_mask = torch.tensor(seen, dtype=torch.bool) if run_settings.seen_fraction is not None else torch.ones(len(concepts), dtype=torch.bool)
         # The loss ranks against the training concepts only (the seen ones in the novel-concept setting).
         train_concepts = torch.nonzero(train_mask).squeeze(1)
         remap = torch.full((len(concepts),), -1, dtype=torch.long)
         remap[train_concepts] = torch.arange(len(train_concepts))
         labels_train = remap[labels]
         ex_name = name if (name and len(layers) == 1) else (f"{name}-{layer}" if name else f"{_slug(model.name)}-{layer}-{ds_label}")
+        if len(fractions) > 1:
+            ex_name += f"-seen{fraction:g}"
         ex_name = _slug(ex_name)
         # The checkpoint folder is locked, so a concurrent identical run waits instead of deleting it.
         with store.lock("explainers", f".partial-{ex_name}"):
             checkpoint_dir = store.kind_dir("explainers") / f".partial-{ex_name}"
             run_key = stable_digest({"model": model.key(), "layer": layer, "datasets": [ix.digest for ix in indexes],
-                                     "settings": asdict(settings), "views": views, "precision": prec})
+                                     "settings": asdict(run_settings), "views": views, "precision": prec})
             if checkpoint_dir.exists() and (not resume or _read_key(checkpoint_dir) != run_key):
                 shutil.rmtree(checkpoint_dir)
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             (checkpoint_dir / "run.json").write_text(json.dumps({"key": run_key}))
             t1 = time.perf_counter()
             module, losses, best_epoch = train_explainer(
-                z, labels_train, grp, cvecs[train_concepts], settings, device=dev,
+                z, labels_train, grp, cvecs[train_concepts], run_settings, device=dev,
                 checkpoint=checkpoint_dir / "checkpoint.pt", resume=resume, progress=progress, on_epoch=on_epoch)
             t_train = time.perf_counter() - t1
-            tr_idx, va_idx = validation_split(grp, settings)  # the split train_explainer made, for the counts
+            tr_idx, va_idx = validation_split(grp, run_settings)  # the split train_explainer made, for the counts
             best_val = min((r["val"] for r in losses), default=float("nan"))
             counts = torch.bincount(labels, minlength=len(concepts)).tolist()
             meta = {
@@ -339,7 +357,7 @@ def train(
                 "seen": seen,
                 "concept_counts": counts,
                 "trained_concepts": [concepts[i] for i in train_concepts.tolist()],
-                "settings": asdict(settings),
+                "settings": asdict(run_settings),
                 "losses": losses,
                 "best_epoch": best_epoch,
                 "best_val_loss": best_val,
@@ -349,7 +367,7 @@ def train(
             with store.writing("explainers", ex_name,
                                inputs={"model": model.key(), "layer": layer, "datasets": [ix.digest for ix in indexes],
                                        "embedding": emb.name},
-                               settings={**asdict(settings), "views": views, "model": model.name, "layer": layer,
+                               settings={**asdict(run_settings), "views": views, "model": model.name, "layer": layer,
                                          "datasets": list(datasets), "precision": prec}) as tmp:
                 save_explainer(tmp / EXPLAINER_FILE, module, cvecs, {**meta, "name": ex_name})
                 save_file({"identities": trained_on.contiguous()}, str(tmp / TRAINING_IMAGES_FILE))

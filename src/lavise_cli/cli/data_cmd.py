@@ -177,6 +177,9 @@ def preprocess(
                                                   "training images (default 100, as in the paper)."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Visual Genome (no official split): share "
                                                                               "of images in the seeded val split (default 0.1; 0 < x < 1)."),
+    categories: Optional[str] = typer.Option(None, "--categories",
+                                             help="Broden: comma list of the categories to read, of object, part, "
+                                                  "material, scene, texture, color (default: all in index.csv)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0,
                                            help="Processes that check images (default: up to 4)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even when the index is current."),
@@ -194,6 +197,8 @@ def preprocess(
 
       lavise preprocess vg --min-images 100 --val-fraction 0.1
 
+      lavise preprocess broden --categories object,part,material,color
+
     A dataset without a train split (COCO val alone) is divided, seeded: 80 % of its images become
     the reference part (split `reference`) that train uses and 20 % the held-out part (split
     `held-out`) that explain and evaluate use by default, so explanations are never scored on the
@@ -202,6 +207,11 @@ def preprocess(
     check_number("--seen-fraction", seen_fraction, low=0, high=1, low_open=True)
     check_number("--held-out-fraction", held_out_fraction, low=0, high=1, low_open=True, high_open=True)
     check_number("--val-fraction", val_fraction, low=0, high=1, low_open=True, high_open=True)
+    cats = None
+    if categories is not None:
+        cats = [c.strip() for c in categories.split(",") if c.strip()]
+        if not cats:
+            raise LaviseError("--categories takes a comma list, e.g. object,part,material,color")
     st = state.store
     if dataset.endswith(".json"):
         if images is None:
@@ -215,12 +225,15 @@ def preprocess(
     with progress() as prog:
         summary = preprocess_dataset(st, dataset, embedding=embedding, seen_fraction=seen_fraction, seed=seed,
                                      held_out_fraction=held_out_fraction, min_images=min_images,
-                                     val_fraction=val_fraction, workers=workers, force=force, progress=prog)
+                                     val_fraction=val_fraction, workers=workers, force=force, progress=prog,
+                                     categories=cats)
     vg_split = summary.get("image_split")
     if vg_split:
         info(f"{dataset}: images split (seed {vg_split['seed']}) into train {vg_split['train']:,} / val "
              f"{vg_split['val']:,}; concepts seen in fewer than {summary['min_images']} training images left out: "
              f"{summary['concepts_below_min_images']:,}")
+    if summary.get("broden_categories"):
+        info(f"{dataset}: Broden categories read: {', '.join(summary['broden_categories'])}")
     held = summary.get("held_out")
     if held:
         info(f"{dataset} has no train split: its {held['reference'] + held['held_out']:,} {held['source']} images are "

@@ -10,6 +10,7 @@ import typer
 
 from .. import download as dl
 from ..data.register import describe_dataset
+from ..errors import LaviseError
 from ..store import Entry
 from .app import app
 from .common import emit_json, handle_errors, human_size, info, out, progress, state
@@ -138,6 +139,33 @@ def vg(
     else:
         with progress(transfer=True) as bar:
             entry = dl.download_dataset(store, "vg", name=name, progress=bar, announce=info)
+    _report_dataset(entry, as_json)
+
+
+@download_app.command("broden")
+@handle_errors
+def broden(
+    from_: Optional[Path] = typer.Option(None, "--from", metavar="DIR", help=FROM_DIR_HELP + " Required for Broden."),
+    name: Optional[str] = typer.Option(None, "--name", help=NAME_HELP + " [default: broden]"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Broden (NetDissect's densely labelled images: objects, parts, materials, scenes, textures, colours), a local copy.
+
+    The folder is laid out as NetDissect makes it (e.g. broden1_224/ from NetDissect's
+    script/dlbroden.sh): index.csv, label.csv and images/. Preprocess it with
+    `lavise preprocess broden` (choose categories with --categories).
+
+    Example:
+
+      lavise download broden --from ~/data/broden1_224
+
+      lavise preprocess broden --categories object,part,material,color
+    """
+    if from_ is None:
+        raise LaviseError("lavise cannot fetch Broden itself: get broden1_224 with NetDissect's script/dlbroden.sh, "
+                          "then register the folder with `lavise download broden --from DIR`")
+    info(f"checking the Broden layout in {from_}")
+    entry = dl.register_broden(state.store, from_, name or "broden")
     _report_dataset(entry, as_json)
 
 

@@ -36,6 +36,22 @@ def parse_floats(text: Optional[str], n: int, what: str, positive: bool = False)
     return vals
 
 
+def parse_fractions(text: Optional[str]) -> list[float]:
+    """``--seen-fraction``: one share or a comma list, each in (0, 1]; [] when not given."""
+    if text is None:
+        return []
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LaviseError(f"--seen-fraction takes a share or a comma list of shares in (0, 1], e.g. 0.7 or "
+                          f"0.3,0.5,0.7,0.9; got {text}") from None
+    if not vals:
+        raise LaviseError("--seen-fraction takes a share or a comma list of shares in (0, 1], e.g. 0.3,0.5,0.7,0.9")
+    for v in vals:
+        check_number("--seen-fraction", v, low=0, high=1, low_open=True)
+    return list(dict.fromkeys(vals))
+
+
 @app.command()
 @handle_errors
 def train(
@@ -57,8 +73,10 @@ def train(
     patience: int = typer.Option(_D.patience, "--patience", min=1,
                                 help="Epochs without validation gain before stopping (at least 1)."),
     val_fraction: float = typer.Option(_D.val_fraction, "--val-fraction", help="Share of train images held out (0 <= x < 1)."),
-    seen_fraction: Optional[float] = typer.Option(None, "--seen-fraction",
-                                                  help="Train on the seen concepts only (e.g. 0.7; 0 < x <= 1) for novel-concept tests."),
+    seen_fraction: Optional[str] = typer.Option(None, "--seen-fraction",
+                                                help="Train on the seen concepts only (e.g. 0.7; 0 < x <= 1) for novel-concept "
+                                                     "tests; a comma list (0.3,0.5,0.7,0.9) trains one explainer per share, "
+                                                     "named ...-seen0.3, from the one feature pass."),
     seed: int = typer.Option(_D.seed, "--seed", min=0, max=2**32 - 1, help="Seed: the same seed repeats a run exactly."),
     views: str = typer.Option("full", "--views", help="Cached views per image: full,flip,crop,crop-flip."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch in the feature pass."),
@@ -85,19 +103,22 @@ def train(
       torchrun --nproc_per_node 4 -m lavise_cli train resnet50 coco   (the ranks share the feature pass)
 
       lavise --shard 0/4 train resnet50 coco   (one share of it, e.g. an array job; see docs/distributed.md)
+
+      lavise train resnet18 coco --seen-fraction 0.3,0.5,0.7,0.9
     """
     check_number("--lr", lr, low=0, low_open=True)
     check_number("--weight-decay", weight_decay, low=0)
     check_number("--val-fraction", val_fraction, low=0, high=1, high_open=True)
-    check_number("--seen-fraction", seen_fraction, low=0, high=1, low_open=True)
+    fractions = parse_fractions(seen_fraction)
     settings = TrainSettings(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=train_batch_size,
-                             patience=patience, val_fraction=val_fraction, seed=seed, seen_fraction=seen_fraction)
+                             patience=patience, val_fraction=val_fraction, seed=seed,
+                             seen_fraction=fractions[0] if len(fractions) == 1 else None)
     with progress() as prog:
         results = train_fn(state.store, model, datasets, layers=layer, weights=weights, input_size=input_size,
                            mean=parse_floats(mean, 3, "--mean"), std=parse_floats(std, 3, "--std", positive=True), name=name,
                            embedding=embedding, settings=settings, views=views, device=device,
                            batch_size=batch_size, workers=workers, resume=resume, precision=precision,
-                           progress=prog)
+                           progress=prog, seen_fractions=fractions if len(fractions) > 1 else None)
     if json_out:
         docs = [r.as_dict() for r in results]
         emit_json(docs[0] if len(docs) == 1 else {"explainers": docs})

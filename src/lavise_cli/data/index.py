@@ -162,6 +162,11 @@ def load_index(store: Store, dataset: str) -> DatasetIndex:
     if entry is None:
         raise LaviseError(f"dataset {dataset!r} is not preprocessed yet: run `lavise preprocess {dataset}`")
     ds = store.get("datasets", dataset).manifest
+    version = (entry.get("inputs") or {}).get("version")
+    if version != INDEX_VERSION:
+        # Another layout: read as this version's it would be misread, so it is never read.
+        raise LaviseError(f"the index of {dataset!r} was built by another version of lavise (index version "
+                          f"{version}, this one reads {INDEX_VERSION}): run `lavise preprocess {dataset}` to rebuild it")
     if entry["inputs"].get("dataset") != dataset_inputs(store, ds):
         raise LaviseError(f"the index of {dataset!r} is stale (its data changed): run `lavise preprocess {dataset}`")
     if entry["inputs"].get("version") != INDEX_VERSION:
@@ -214,6 +219,9 @@ def dataset_inputs(store: Store, manifest: dict[str, Any]) -> dict[str, Any]:
             out[f"{split}.annotations"] = digest(ann)
         else:
             out[f"{split}.annotations"] = None
+        labels = info.get("labels")  # a label file beside the annotations (Broden's label.csv)
+        if labels:
+            out[f"{split}.labels"] = digest(labels) if Path(labels).is_file() else None
     return out
 
 
@@ -253,6 +261,7 @@ def preprocess(
     held_out_fraction: float = HELD_OUT_FRACTION,
     min_images: int | None = None,
     val_fraction: float | None = None,
+    categories: Sequence[str] | None = None,
     workers: int | None = None,
     force: bool = False,
     progress: Any = None,
@@ -283,7 +292,12 @@ def preprocess(
         if not 0.0 < val_fraction < 1.0:
             raise LaviseError("--val-fraction must be between 0 and 1 (exclusive), e.g. 0.1")
         options["val_fraction"] = float(val_fraction)
+    if categories:  # Broden: the categories read (object, part, material, scene, texture, color)
+        options["categories"] = sorted({c.strip() for c in categories if c.strip()})
     ds = store.get("datasets", dataset)
+    if "categories" in options and ds.manifest["settings"].get("format") != "broden":
+        raise LaviseError(f"--categories selects Broden categories; {dataset!r} is a "
+                          f"{ds.manifest['settings'].get('format')} dataset")
     embedding, _ = choose_embedding(store, dataset, embedding)
     emb: Embedding = load_embedding(store, embedding)
     emb_manifest = store.get("embeddings", emb.name).manifest

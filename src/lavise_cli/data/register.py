@@ -1,6 +1,6 @@
 """Reference datasets in the store: registering local copies, and removing datasets.
 
-* :func:`register_coco` / :func:`register_vg` check a folder laid out as the dataset ships and
+* :func:`register_coco` / :func:`register_vg` / :func:`register_broden` check a folder laid out as the dataset ships and
   record it as a ``datasets`` entry (the offline route: the data stays where it is; the entry
   keeps the sha256 of each annotation file as its inputs);
 * :func:`describe_dataset` says what a registered dataset is (format, folder, images per split);
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Sequence
@@ -190,6 +191,49 @@ def register_vg(store: Store, root: Path, name: str = "vg", *, extra: dict[str, 
         block["num_images"] = sum(1 for d in dirs for e in os.scandir(d) if e.is_file())
     inputs = {"train.annotations": FileDigests(store)(objects)}
     settings = {"format": "vg", "root": str(root), "splits": {"train": block}}
+    with store.writing("datasets", name, inputs=inputs, settings=settings, extra=extra):
+        pass
+    return store.get("datasets", name)
+
+
+def register_broden(store: Store, root: Path, name: str = "broden", *, extra: dict[str, Any] | None = None) -> Entry:
+    """Check a Broden folder (NetDissect's format, e.g. ``broden1_224/``) and register it as ``name``.
+
+    Needs ``index.csv`` (``image,split,ih,iw,sh,sw`` and the category columns), ``label.csv`` and
+    ``images/``; the splits are index.csv's ``train`` and ``val`` rows.  Nothing is copied.
+    """
+    from .formats.broden import META_COLUMNS, index_columns, read_labels
+
+    root = Path(root).expanduser().resolve()
+    store.path("datasets", name)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder: give the Broden folder that holds index.csv, label.csv and images/")
+    index_csv, label_csv, images = root / "index.csv", root / "label.csv", root / "images"
+    for f in (index_csv, label_csv):
+        if not f.is_file():
+            raise DataError(f"no Broden {f.name} in {root}: expected index.csv, label.csv and images/ "
+                            "(as NetDissect's script/dlbroden.sh unpacks broden1_224)")
+    if not images.is_dir():
+        raise DataError(f"no Broden images/ folder in {root}")
+    header = index_columns(index_csv)
+    categories = [c for c in header if c not in META_COLUMNS]
+    if not categories:
+        raise DataError(f"{index_csv} has no category column (e.g. object, part, material, scene, texture, color)")
+    if not read_labels(label_csv):
+        raise DataError(f"{label_csv} lists no label")
+    counts: dict[str, int] = {}
+    with open(index_csv, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            split = (row.get("split") or "").strip()
+            if split in SPLITS:
+                counts[split] = counts.get(split, 0) + 1
+    if not counts:
+        raise DataError(f"{index_csv} has no image of split train or val")
+    digest = FileDigests(store)
+    blocks = {s: {"annotations": str(index_csv), "labels": str(label_csv), "images": str(images), "num_images": n}
+              for s, n in sorted(counts.items(), key=lambda kv: SPLITS.index(kv[0]))}
+    inputs = {f"{s}.annotations": digest(index_csv) for s in blocks} | {"labels": digest(label_csv)}
+    settings = {"format": "broden", "root": str(root), "categories": categories, "splits": blocks}
     with store.writing("datasets", name, inputs=inputs, settings=settings, extra=extra):
         pass
     return store.get("datasets", name)

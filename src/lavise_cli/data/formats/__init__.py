@@ -7,8 +7,8 @@ word vectors, the seen/unseen split, the index files) the same way for every for
 format decides which images it keeps with :func:`accept_images` (missing, corrupt, or of another
 size than annotated: dropped and named in ``dropped.txt``; not RGB: converted and counted).
 
-The formats: ``coco`` (COCO instances, :mod:`.coco`), ``coco-panoptic`` (:mod:`.panoptic`) and
-``vg`` (Visual Genome, :mod:`.vg`).
+The formats: ``coco`` (COCO instances, :mod:`.coco`), ``coco-panoptic`` (:mod:`.panoptic`),
+``vg`` (Visual Genome, :mod:`.vg`) and ``broden`` (NetDissect's Broden, :mod:`.broden`).
 """
 
 from __future__ import annotations
@@ -131,6 +131,13 @@ def _vg() -> Builder:
     return build_vg
 
 
+def _broden() -> Builder:
+    from .broden import build_broden
+
+    return build_broden
+
+
 register_format("coco", _coco)
 register_format("coco-panoptic", _coco_panoptic)
 register_format("vg", _vg)
+register_format("broden", _broden)
