@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..data.images import read_rgb
 from ..explain import filter_regions
@@ -81,10 +81,18 @@ def pair_regions(cache: Any, rows: Sequence[int], filters: Sequence[int], size: 
 
 
 def _write_thumbnail(src: str, dst: Path, thumb: int) -> None:
-    arr = read_rgb(src).permute(1, 2, 0).numpy()
-    im = Image.fromarray(arr, "RGB").resize((thumb, thumb), Image.Resampling.BILINEAR)  # antialiased
+    try:
+        with Image.open(src) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (thumb, thumb))  # decode at 1/2, 1/4 or 1/8 scale, still >= thumb a side
+            im.load()
+            rgb = im if im.mode == "RGB" else im.convert("RGB")
+            small = rgb.resize((thumb, thumb), Image.Resampling.BILINEAR)  # antialiased
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        read_rgb(src)  # the same one clear error as any other decode of this image
+        raise
     with open(dst, "xb") as fh:  # a plain open: the mode follows the user's umask
-        im.save(fh, format="JPEG", quality=JPEG_QUALITY)
+        small.save(fh, format="JPEG", quality=JPEG_QUALITY)
 
 
 def render_thumbnails(session: Any, doc: dict[str, Any], folder: Path, n_images: int, thumb: int,
