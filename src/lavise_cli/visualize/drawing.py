@@ -92,10 +92,11 @@ def encode_mask(mask: np.ndarray | torch.Tensor) -> str:
 
 def encode_masks(masks: np.ndarray | torch.Tensor) -> list[str]:
     """:func:`encode_mask` of each of a batch of masks ``(B, ...)``, all at once (no loop over runs)."""
-    flat = np.asarray(masks, dtype=bool).reshape(len(masks), -1)
-    b, n = flat.shape
-    if b == 0:
+    arr = np.asarray(masks, dtype=bool)
+    if len(arr) == 0:
         return []
+    flat = arr.reshape(len(arr), -1)
+    b, n = flat.shape
     if n == 0:
         return [""] * b
     # Run boundaries of every row: its start (with an empty first run when it starts inside),
