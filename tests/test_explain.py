@@ -161,6 +161,22 @@ def test_attention_inputs_equal_loop_reference(seed: int) -> None:
     assert torch.allclose(attention_inputs(signed, filt).double(), ref_attention(signed, filt), atol=1e-6, rtol=1e-5)
 
 
+def test_attention_inputs_of_one_image_broadcast_equal_the_copied_maps() -> None:
+    """The explain loop passes one image's maps expanded over its rows (batch stride 0): that path
+    (norms and means once, one matrix product) gives the per-row formula's values."""
+    g = torch.Generator().manual_seed(5)
+    d, h, w, B = 40, 7, 7, 90
+    one = torch.relu(torch.randn(1, d, h, w, generator=g))
+    one[0, 7] = 0.0  # a dead channel
+    filt = torch.randint(0, d, (B,), generator=g)
+    filt[0] = 7
+    view = one.expand(B, -1, -1, -1)
+    assert view.stride(0) == 0
+    got = attention_inputs(view, filt)
+    assert torch.allclose(got.double(), ref_attention(view.contiguous(), filt), atol=1e-6, rtol=1e-5)
+    assert torch.allclose(got, attention_inputs(view.contiguous(), filt), atol=1e-6, rtol=1e-5)
+
+
 def test_attention_orthogonal_channels_are_suppressed() -> None:
     """A channel active exactly where the filter is not gets weight 0; original keeps it."""
     maps = torch.zeros(1, 3, 2, 2)

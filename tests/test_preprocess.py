@@ -451,6 +451,33 @@ def test_multi_word_concept_is_normalised_mean_of_tokens(store: Store, small_glo
     assert ok == [0, 2] and vecs.shape == (2, 16)
 
 
+def test_embedding_is_read_without_gensim_exactly_as_gensim_reads_it(store: Store, small_glove: Path) -> None:
+    """load_embedding reads the store's KeyedVectors file itself (no gensim import): the same words,
+    index and memory-mapped vectors as gensim's own load; a file it does not know goes to gensim."""
+    import subprocess
+    import sys
+
+    from gensim.models import KeyedVectors
+
+    from lavise_cli.embeddings import KV_FILE, _read_keyed_vectors
+
+    entry = register_embedding(store, small_glove, name="small")
+    emb = load_embedding(store, "small")
+    kv = KeyedVectors.load(str(entry.path / KV_FILE), mmap="r")
+    assert emb.words == list(kv.index_to_key) and emb.index == dict(kv.key_to_index)
+    assert isinstance(emb.vectors, np.memmap) and np.array_equal(emb.vectors, kv.vectors)
+    code = ("import sys; from lavise_cli.store import Store; from lavise_cli.embeddings import load_embedding; "
+            f"e = load_embedding(Store({str(store.root)!r}), 'small'); print(len(e.words), 'gensim' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(len(kv.index_to_key)), "False"]
+    # A KeyedVectors saved with its vectors inside the pickle: not ours to read, gensim loads it.
+    other = store.root / "inline.kv"
+    kv2 = KeyedVectors(vector_size=16)
+    kv2.add_vectors(["dog", "cat"], np.eye(2, 16, dtype=np.float32))
+    kv2.save(str(other), sep_limit=10 ** 9)
+    assert _read_keyed_vectors(other) is None
+
+
 def test_real_glove_parsed_once_then_memory_mapped(real_store: Store, real_store_info: Any,
                                                    glove_file: Path) -> None:
     first_s = real_store_info.timings["glove_register"]

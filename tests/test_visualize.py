@@ -314,6 +314,14 @@ def test_mask_text_round_trips() -> None:
     assert len(viz.encode_mask(blob)) < 100  # a blob: two short runs per row
     with pytest.raises(ValueError):
         viz.decode_mask(viz.encode_mask(blob), 128, 127)
+    # A batch at once is each mask's own text, runs of any length (varints of 1, 2 and 3 bytes).
+    batch = (torch.rand(40, 130, 129, generator=g) < torch.rand(40, 1, 1, generator=g) ** 4).numpy()
+    batch[0], batch[1], batch[2, 64:, :] = True, False, True
+    texts = viz.encode_masks(batch)
+    for m, t in zip(batch, texts):
+        assert np.array_equal(viz.decode_mask(t, *m.shape), m)
+        assert t == viz.encode_mask(m)
+    assert viz.encode_masks(np.zeros((0, 4, 4), bool)) == []
 
 
 @pytest.mark.parametrize("thumb", [SIZE, 40])
@@ -427,6 +435,45 @@ def test_cli_report_with_recall(squares: dict[str, Any], tmp_path: Path) -> None
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["evaluated"] is False
     assert "Not evaluated" in (tmp_path / "plain.html").read_text()
+
+
+def test_cli_report_reuses_the_saved_explanation_only_from_the_same_inputs(squares: dict[str, Any],
+                                                                           tmp_path: Path) -> None:
+    import re
+
+    home = squares["home"]
+    words = tmp_path / "words.txt"
+    words.write_text("dog\ncat\ncar\ntruck\n")
+    common = ("-q", "report", "--vocab", words, "-n", "2", "--thumb", "32", "--no-evaluate", "--json")
+
+    def report(name: str) -> dict[str, Any]:
+        r = run_cli(home, *common, "--out", tmp_path / f"{name}.html")
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    def page(name: str) -> str:  # but for the time it was made and its folder's name
+        text = (tmp_path / f"{name}.html").read_text()
+        return re.sub(r"<th>made</th><td>[^<]*</td>", "", text).replace(f"{name}_files", "F_files")
+
+    first = report("a")
+    assert first["explanation_reused"] is False
+    second = report("b")
+    assert second["explanation_reused"] is True and second["explanation"] == first["explanation"]
+    assert page("a") == page("b") and "dog" in page("a")
+    # `explain` with the same settings writes that very file (with its inputs): report reads it back.
+    e = run_cli(home, "-q", "explain", "--all", "--vocab", words, "--json")
+    assert e.exit_code == 0, e.output
+    assert json.loads(e.stdout)["saved"] == first["explanation"]
+    assert report("c")["explanation_reused"] is True
+    # The same file name with other words (the same key: path and size) is another input: explained
+    # again, and the page shows the new words.
+    words.write_text("sky\nsnow\ngrass\nroad\n")
+    third = report("d")
+    assert third["explanation_reused"] is False and third["explanation"] == first["explanation"]
+    saved = json.loads(Path(third["explanation"]).read_text())
+    named = {w["word"] for f in saved["filters"] for w in f["words"]}
+    assert named and named <= {"sky", "snow", "grass", "road"}
+    assert "dog" not in page("d")
 
 
 def test_cli_report_link_is_percent_encoded_and_files_follow_the_umask(squares: dict[str, Any],

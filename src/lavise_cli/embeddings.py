@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import pickle
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -224,10 +225,47 @@ class Embedding:
         return mat.astype(np.float32), ok
 
 
-def load_embedding(store: Store, name: str | None = None) -> Embedding:
-    """The named embedding, or the most recently registered one."""
-    from gensim.models import KeyedVectors
+class _SavedKeyedVectors:
+    """What a KeyedVectors file holds, read back without gensim (see :func:`_read_keyed_vectors`)."""
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+class _KeyedVectorsUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "gensim.models.keyedvectors" and name == "KeyedVectors":
+            return _SavedKeyedVectors
+        if module.split(".")[0] in ("gensim", "scipy"):
+            raise pickle.UnpicklingError(f"{module}.{name}")  # not the plain file of register_embedding
+        return super().find_class(module, name)
+
+
+def _read_keyed_vectors(path: Path) -> tuple[list[str], dict[str, int], np.ndarray] | None:
+    """(words, index, memory-mapped vectors) of a KeyedVectors file saved by :func:`register_embedding`.
+
+    The file is gensim's pickle with the vectors beside it in ``<file>.vectors.npy``; reading it
+    here spares the import of gensim (seconds) on every command that loads a vocabulary.  None
+    when the file holds anything else (then gensim reads it).
+    """
+    try:
+        with open(path, "rb") as fh:
+            kv = _KeyedVectorsUnpickler(fh).load()
+        state = vars(kv) if isinstance(kv, _SavedKeyedVectors) else {}
+        if (state.get("__numpys") != ["vectors"] or state.get("__scipys") or state.get("__recursive_saveloads")
+                or "vectors" in state):
+            return None
+        words, index = state["index_to_key"], state["key_to_index"]
+        vectors = np.load(f"{path}.vectors.npy", mmap_mode="r", allow_pickle=False)
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, pickle.UnpicklingError):
+        return None
+    if not (isinstance(words, list) and isinstance(index, dict) and vectors.ndim == 2 and len(vectors) == len(words)):
+        return None
+    return words, index, vectors
+
+
+def load_embedding(store: Store, name: str | None = None) -> Embedding:
+    """The named embedding, or the most recently registered one (its vectors memory-mapped)."""
     if name is None:
         latest = store.latest("embeddings")
         if latest is None:
@@ -237,6 +275,12 @@ def load_embedding(store: Store, name: str | None = None) -> Embedding:
             )
         name = latest.name
     entry = store.get("embeddings", name)
+    saved = _read_keyed_vectors(entry.path / KV_FILE)
+    if saved is not None:
+        words, index, vectors = saved
+        return Embedding(name=name, words=list(words), vectors=vectors, index=dict(index))
+    from gensim.models import KeyedVectors
+
     kv = KeyedVectors.load(str(entry.path / KV_FILE), mmap="r")
     return Embedding(name=name, words=list(kv.index_to_key), vectors=kv.vectors, index=dict(kv.key_to_index))
 

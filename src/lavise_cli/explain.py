@@ -6,6 +6,7 @@ of filters only to bound memory; there is no Python loop over single filters, im
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -72,8 +73,15 @@ def top_images(cache: TargetCache, p: int) -> torch.Tensor:
 def attention_inputs(maps: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
     """Filter attention: ``a_k = cos(F_u, F_k)``; input ``a * mean_hw(F)``.
 
-    ``maps`` (B, d, h, w) and ``filt`` (B,) the filter ``u`` of each row -> (B, d).
+    ``maps`` (B, d, h, w) and ``filt`` (B,) the filter ``u`` of each row -> (B, d).  When every
+    row is one image's maps (``maps`` an expanded view, batch stride 0), the image's norms and
+    means are computed once and the dot products are one ``(B, hw) @ (hw, d)`` product.
     """
+    if len(filt) > 1 and maps.stride(0) == 0:
+        one = maps[0].flatten(1)  # (d, hw): every row's maps
+        norms = one.norm(dim=1)  # (d,)
+        dots = one[filt] @ one.T  # (B, d)
+        return dots / (norms[None, :] * norms[filt][:, None] + EPS) * one.mean(1)[None, :]
     flat = maps.flatten(2)  # (B, d, hw)
     fu = flat[torch.arange(len(filt)), filt]  # (B, hw)
     dots = torch.einsum("bdn,bn->bd", flat, fu)
@@ -112,9 +120,20 @@ def filter_regions(fmaps: torch.Tensor, thresholds: torch.Tensor, size: int, cel
     up = F.interpolate(fu, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
     reg = up >= thr
     if cells:
-        hot = (fu[:, 0] >= thr).to(fu.dtype)[:, None]
-        reg |= F.interpolate(hot, size=(size, size), mode="nearest-exact")[:, 0] > 0.5
+        # The cells' nearest-neighbour footprint, by indexing: the source cell of each pixel row
+        # and column is the one F.interpolate(mode="nearest-exact") picks.
+        h, w = fmaps.shape[1:]
+        iy, ix = _nearest_exact_index(h, size), _nearest_exact_index(w, size)
+        hot = fmaps >= thr  # (B, h, w)
+        reg |= hot[:, iy[:, None], ix[None, :]]
     return reg
+
+
+@functools.lru_cache(maxsize=64)
+def _nearest_exact_index(n: int, size: int) -> torch.Tensor:
+    """The source index of each of ``size`` pixels upsampled from ``n`` cells by ``nearest-exact``."""
+    src = torch.arange(n, dtype=torch.float32).view(1, 1, n)
+    return F.interpolate(src, size=size, mode="nearest-exact")[0, 0].round().long()
 
 
 @dataclass

@@ -146,6 +146,16 @@ def check_word_settings(retrieval: str, rank: str) -> None:
         raise LaviseError(f"unknown rank {rank!r}; choose from {', '.join(RANKS)}")
 
 
+def explain_settings(session: Session, method: str, vocab: Vocabulary, *, p: int, s: int, k: int,
+                     retrieval: str = DEFAULT_RETRIEVAL, rank: str = DEFAULT_RANK) -> dict[str, Any] | None:
+    """The ``settings`` :func:`run_explain` will report for these arguments, known before running it
+    (what names its saved result); None for a method whose settings depend on its words (netdissect)."""
+    m = get_method(method, explain=True)
+    if not m.needs_explainer:
+        return None
+    return {"p": min(p, session.cache.n), "s": min(s, len(vocab.words)), "k": k, "retrieval": retrieval, "rank": rank}
+
+
 def run_explain(session: Session, filters: Sequence[int], method: str, vocab: Vocabulary, *, p: int, s: int, k: int,
                 progress: Any = None, netdissect_words: torch.Tensor | None = None,
                 retrieval: str = DEFAULT_RETRIEVAL, rank: str = DEFAULT_RANK, rank_s: int | None = None
@@ -254,4 +264,4 @@ def evaluate_methods(
 
 
 __all__ = ["Method", "REGISTRY", "method_names", "get_method", "parse_methods", "check_word_settings",
-           "run_explain", "evaluate_methods", "netdissect_words", "DIVERSITY_S"]
+           "explain_settings", "run_explain", "evaluate_methods", "netdissect_words", "DIVERSITY_S"]

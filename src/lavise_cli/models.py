@@ -145,8 +145,6 @@ def load_model(
     name (``DEFAULT``, ``IMAGENET1K_V1``), ``none`` for random initialisation, or a path to a
     state dict (loaded with ``weights_only=True``).
     """
-    import torchvision
-
     pre: dict[str, Any] = {}
     weights = weights or "DEFAULT"
     wpath = Path(weights).expanduser()
@@ -157,6 +155,8 @@ def load_model(
         if weights.lower() == "none":
             weights_id = "factory"
     else:
+        import torchvision  # only here: a factory's model needs none of it (and it imports slowly)
+
         names = _torchvision_models()
         if spec not in names:
             near = difflib.get_close_matches(spec, names, n=4, cutoff=0.5)

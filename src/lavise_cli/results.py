@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
+
+from . import __version__
+from .embeddings import Vocabulary
 from .explain import Explanation, diversity
 from .session import Session
-from .store import atomic_write_json, stable_digest
+from .store import FileDigests, atomic_write_json, stable_digest
+
+# The modules whose code decides an explanation's words and images: a saved explanation is reused
+# only while none of them changed (see :func:`explanation_inputs`).
+_EXPLAINING_CODE = ("explain.py", "methods.py", "results.py", "evaluate.py", "embeddings.py", "explainer.py",
+                    "pipeline.py", "passes/image_masking.py", "passes/target.py")
+INPUTS_FIELD = "inputs"  # the saved document's digest of its inputs (on disk only)
 
 
 def explanation_doc(session: Session, ex: Explanation) -> dict[str, Any]:
@@ -53,17 +67,71 @@ def explanation_doc(session: Session, ex: Explanation) -> dict[str, Any]:
     }
 
 
+def explanation_key(session: Session, vocab: Vocabulary, filters: Sequence[int], settings: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """What names an explanation's result file (``explain``, ``heatmap`` and ``report`` share it)."""
+    return {"target": session.target.key, "vocab": vocab.describe(), "filters": list(filters), **settings,
+            "precision": session.precision}
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256(__version__.encode())
+    for name in _EXPLAINING_CODE:
+        with contextlib.suppress(OSError):
+            h.update(name.encode() + b"\0" + (root / name).read_bytes())
+    return h.hexdigest()
+
+
+def explanation_inputs(session: Session, vocab: Vocabulary) -> str:
+    """A digest of what an explanation depends on beyond its result key.
+
+    The explainer's file, the cached maps it reads (their entry, as published), the vocabulary's
+    words and vectors (so an edited word list or re-registered embedding counts), and lavise's
+    explaining code.  :func:`load_result` reuses a saved document only when this matches.
+    """
+    h = hashlib.sha256()
+    h.update(FileDigests(session.store)(session.explainer.path).encode())
+    root = Path(session.cache.root)
+    try:
+        published = (root / "manifest.json").stat().st_mtime_ns
+    except OSError:
+        published = 0
+    h.update(f"|{root.resolve()}|{published}|".encode())
+    h.update("\n".join(vocab.words).encode())
+    h.update(np.ascontiguousarray(vocab.vectors, dtype=np.float32).tobytes())
+    h.update(_code_digest().encode())
+    return h.hexdigest()
+
+
 def result_path(session: Session, kind: str, key: Any, suffix: str = ".json", folder: str | None = None) -> Path:
     """``<explainer>/results/[folder/]<kind>-<digest of key>[suffix]``: the same settings, the same path."""
     d = session.results_dir() if folder is None else session.results_dir() / folder
     return d / f"{kind}-{stable_digest(key)[:12]}{suffix}"
 
 
-def save_result(session: Session, kind: str, doc: dict[str, Any], key: dict[str, Any]) -> Path:
-    """Write ``doc`` (NaN as null) to :func:`result_path` and return the path."""
+def save_result(session: Session, kind: str, doc: dict[str, Any], key: dict[str, Any], inputs: str | None = None
+                ) -> Path:
+    """Write ``doc`` (NaN as null) to :func:`result_path` and return the path.
+
+    ``inputs`` (:func:`explanation_inputs`) is saved with it, so that :func:`load_result` can reuse it.
+    """
     path = result_path(session, kind, key)
-    atomic_write_json(path, nan_to_none(doc), compact=True)
+    atomic_write_json(path, nan_to_none(doc if inputs is None else {**doc, INPUTS_FIELD: inputs}), compact=True)
     return path
+
+
+def load_result(session: Session, kind: str, key: dict[str, Any], inputs: str) -> dict[str, Any] | None:
+    """The document :func:`save_result` wrote for ``key`` from the same ``inputs``; None when there is none."""
+    path = result_path(session, kind, key)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.pop(INPUTS_FIELD, None) != inputs:
+        return None
+    return doc
 
 
 def nan_to_none(x: Any) -> Any:
@@ -77,4 +145,5 @@ def nan_to_none(x: Any) -> Any:
     return x
 
 
-__all__ = ["explanation_doc", "result_path", "save_result", "nan_to_none"]
+__all__ = ["explanation_doc", "explanation_key", "explanation_inputs", "result_path", "save_result", "load_result",
+           "nan_to_none"]

@@ -28,6 +28,8 @@ run_explain = lazy("methods", "run_explain")
 evaluate_methods = lazy("methods", "evaluate_methods")
 explanation_doc = lazy("results", "explanation_doc")
 save_result = lazy("results", "save_result")
+explanation_inputs = lazy("results", "explanation_inputs")
+explanation_key = lazy("results", "explanation_key")
 parse_filters = lazy("explain", "parse_filters")
 
 # What `explain --csv` prints, in order (its --help lists the same): similarity_sum is the word's
@@ -90,8 +92,9 @@ def explain(
         ex = run_explain(ses, chosen, method, voc, p=images_per_filter, s=words_per_image, k=top, progress=prog,
                          retrieval=retrieval, rank=rank)
     doc = explanation_doc(ses, ex)
-    path = save_result(ses, f"explain-{method}", doc, {"target": ses.target.key, "vocab": voc.describe(),
-                                                        "filters": chosen, **ex.settings, "precision": ses.precision})
+    # Saved with a digest of its inputs: `heatmap` and `report` with the same settings read it back.
+    path = save_result(ses, f"explain-{method}", doc, explanation_key(ses, voc, chosen, ex.settings),
+                       inputs=explanation_inputs(ses, voc))
     doc["saved"] = str(path)
     if json_out:
         emit_json(doc)

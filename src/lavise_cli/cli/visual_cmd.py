@@ -30,7 +30,11 @@ check_word_settings = lazy("methods", "check_word_settings")
 evaluate_methods = lazy("methods", "evaluate_methods")
 get_method = lazy("methods", "get_method")
 run_explain = lazy("methods", "run_explain")
+explain_settings = lazy("methods", "explain_settings")
 explanation_doc = lazy("results", "explanation_doc")
+explanation_inputs = lazy("results", "explanation_inputs")
+explanation_key = lazy("results", "explanation_key")
+load_result = lazy("results", "load_result")
 result_path = lazy("results", "result_path")
 save_result = lazy("results", "save_result")
 parse_filters = lazy("explain", "parse_filters")
@@ -59,12 +63,22 @@ def _explain(explainer: Optional[str], filters: Optional[str], all_filters: bool
     warn_trained_on(ses)
     chosen = parse_filters(filters, ses.cache.shape[0], all_filters)
     voc = vocabulary_for(ses, vocab, vocab_size)
+    # The same result file `lavise explain` writes for these settings: the words behind the pictures.
+    # Saved from the same inputs (explainer, cached maps, vocabulary, code), it is read back, not redone.
+    inputs = explanation_inputs(ses, voc)
+    settings = explain_settings(ses, method, voc, p=p, s=s, k=k, retrieval=retrieval, rank=rank)
+    if settings is not None:
+        key = explanation_key(ses, voc, chosen, settings)
+        doc = load_result(ses, f"explain-{method}", key, inputs)
+        if doc is not None:
+            doc["saved"] = str(result_path(ses, f"explain-{method}", key))
+            doc["reused"] = True
+            return ses, doc, key, chosen
     ex_ = run_explain(ses, chosen, method, voc, p=p, s=s, k=k, progress=prog, retrieval=retrieval, rank=rank)
     doc = explanation_doc(ses, ex_)
-    key = {"target": ses.target.key, "vocab": voc.describe(), "filters": chosen, **ex_.settings,
-           "precision": ses.precision}
-    # The same result file `lavise explain` writes for these settings: the words behind the pictures.
-    doc["saved"] = str(save_result(ses, f"explain-{method}", doc, key))
+    key = explanation_key(ses, voc, chosen, ex_.settings)
+    doc["saved"] = str(save_result(ses, f"explain-{method}", doc, key, inputs=inputs))
+    doc["reused"] = False
     return ses, doc, key, chosen
 
 
@@ -215,7 +229,7 @@ def report(
     res: dict[str, Any] = {"report": str(page), "thumbnails": str(files), "images": n_shown,
                            "thumbnail_files": n_thumbs,
                            "filters": len(doc["filters"]), "method": method, "precision": ses.precision,
-                           "explanation": doc["saved"],
+                           "explanation": doc["saved"], "explanation_reused": doc["reused"],
                            "evaluated": evaluation is not None, "seconds": round(time.perf_counter() - t0, 2)}
     if evaluation is not None:
         res["recall"] = {k: v for k, v in evaluation["methods"][method].items()}

@@ -12,7 +12,7 @@ counting): kept as it is, the rest of the image dimmed, the region outlined.
 
 from __future__ import annotations
 
-from .drawing import DIM, OUTLINE, WIDTH, decode_mask, encode_mask, highlight, outline, to_pil, to_uint8
+from .drawing import DIM, OUTLINE, WIDTH, decode_mask, encode_mask, encode_masks, highlight, outline, to_pil, to_uint8
 from .figure import (
     BACKGROUND,
     CAPTION_LINES,
@@ -43,7 +43,7 @@ from .report import build_report, files_dir_for, pair_regions, render_thumbnails
 
 __all__ = ["outline", "highlight", "heatmap_layout", "render_figure", "render_heatmap", "heatmap_paths",
            "build_report", "report_html", "render_thumbnails", "load_tiles", "save_png", "files_dir_for",
-           "per_filter_recall", "HeatmapLayout", "encode_mask", "decode_mask", "pair_regions", "report_pairs",
+           "per_filter_recall", "HeatmapLayout", "encode_mask", "encode_masks", "decode_mask", "pair_regions", "report_pairs",
            "thumbnail_name", "Tile", "outline_width", "to_uint8", "to_pil", "font", "wrap_segments", "draw_lines",
            "word_segments", "Segment", "DIM", "OUTLINE", "WIDTH", "PAD", "RATING_SCALE", "BACKGROUND",
            "CAPTION_LINES", "FONT_SIZE", "INK", "LINE_GAP", "MUTED", "NOVEL", "SHARED", "TITLE_LINES", "TITLE_SIZE"]

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 from urllib.parse import quote
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..data.images import read_rgb
 from ..explain import filter_regions
 from ..store import atomic_write_bytes, folder_lock, writer_tag
-from .drawing import encode_mask
+from .drawing import encode_masks
 from .page import Tile, report_html
 
 JPEG_QUALITY = 85
@@ -80,10 +81,18 @@ def pair_regions(cache: Any, rows: Sequence[int], filters: Sequence[int], size: 
 
 
 def _write_thumbnail(src: str, dst: Path, thumb: int) -> None:
-    arr = read_rgb(src).permute(1, 2, 0).numpy()
-    im = Image.fromarray(arr, "RGB").resize((thumb, thumb), Image.Resampling.BILINEAR)  # antialiased
+    try:
+        with Image.open(src) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (thumb, thumb))  # decode at 1/2, 1/4 or 1/8 scale, still >= thumb a side
+            im.load()
+            rgb = im if im.mode == "RGB" else im.convert("RGB")
+            small = rgb.resize((thumb, thumb), Image.Resampling.BILINEAR)  # antialiased
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        read_rgb(src)  # the same one clear error as any other decode of this image
+        raise
     with open(dst, "xb") as fh:  # a plain open: the mode follows the user's umask
-        im.save(fh, format="JPEG", quality=JPEG_QUALITY)
+        small.save(fh, format="JPEG", quality=JPEG_QUALITY)
 
 
 def render_thumbnails(session: Any, doc: dict[str, Any], folder: Path, n_images: int, thumb: int,
@@ -108,11 +117,11 @@ def render_thumbnails(session: Any, doc: dict[str, Any], folder: Path, n_images:
     t_reg = progress.add_task("report regions", total=len(pairs), unit="pair") if progress is not None else None
     tiles: dict[tuple[int, int], Tile] = {}
     for start, reg in pair_regions(session.cache, [p[0] for p in pairs], [p[1] for p in pairs], thumb):
-        area = reg.flatten(1).sum(1).tolist()
         arr = reg.numpy()
-        for k in range(len(reg)):
+        area = np.count_nonzero(arr.reshape(len(arr), -1), axis=1).tolist()
+        for k, text in enumerate(encode_masks(arr)):
             r, u, q, _ = pairs[start + k]
-            tiles[(u, q)] = Tile(thumbnail_name(r), encode_mask(arr[k]), int(area[k]))
+            tiles[(u, q)] = Tile(thumbnail_name(r), text, int(area[k]))
         if t_reg is not None:
             progress.advance(t_reg, len(reg))
     return tiles
