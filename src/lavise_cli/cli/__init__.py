@@ -9,7 +9,7 @@ from .app import app
 from .common import handle_sigterm
 
 # Each module registers its commands on `app`; a module that is not there yet is skipped.
-for _mod in ("download_cmd", "data_cmd", "train_cmd", "explain_cmd", "visual_cmd", "compare_cmd"):
+for _mod in ("download_cmd", "data_cmd", "train_cmd", "explain_cmd", "visual_cmd", "compare_cmd", "relevant_cmd"):
     try:
         importlib.import_module(f"{__name__}.{_mod}")
     except ModuleNotFoundError as e:  # pragma: no cover - only while a command is being written
