@@ -224,6 +224,29 @@ def test_command_runs_end_to_end_with_superclasses(cli, tmp_path: Path, tiny_mod
     assert doc["labels"] == "predicted" and doc["union"]["ablation"]["baseline"] == 1.0
 
 
+def test_label_by_category_one_lasso_per_category(cli, tmp_path: Path, tiny_model: str) -> None:
+    """A registered COCO-format dataset: multi-label presence, agreement with the unablated top-1."""
+    from lavise_cli.data.index import preprocess
+    from lavise_cli.download import register_coco
+    from lavise_cli.embeddings import register_embedding
+    from lavise_cli.store import Store
+    from lavise_cli.testing import SMALL_GLOVE_WORDS, write_coco_split, write_glove
+
+    st = Store(tmp_path / "home")  # the cli fixture's store
+    write_coco_split(tmp_path / "coco", "val", 16, 32, 32, ["cat", "dog", "car"], masks_per_image=2)
+    register_coco(st, tmp_path / "coco", "toy")
+    register_embedding(st, write_glove(tmp_path / "g.txt", SMALL_GLOVE_WORDS), name="g")
+    preprocess(st, "toy", embedding="g", workers=1)
+    doc = cli.json("relevant", tiny_model, "--dataset", "toy", "--split", "val", "--label-by", "category",
+                   "--layer", "act", "--per-class", "2")
+    assert doc["labels"] == "category" and doc["settings"]["accuracy"].startswith("agreement")
+    assert set(doc["classes"]) <= {"cat", "dog", "car"} and len(doc["classes"]) >= 2
+    for c in doc["classes"].values():
+        assert c["images"] >= 2 and c["ablation"]["baseline"] == 1.0  # agreement with itself
+    assert doc["union"]["ablation"]["images"] == 16
+    assert_clear_error(cli("relevant", tiny_model, "--dataset", "toy"), "--label-by category")
+
+
 # -- the reproduction on MNIST --------------------------------------------------------------------
 
 
