@@ -247,6 +247,50 @@ def test_label_by_category_one_lasso_per_category(cli, tmp_path: Path, tiny_mode
     assert_clear_error(cli("relevant", tiny_model, "--dataset", "toy"), "--label-by category")
 
 
+def test_planted_colour_model_end_to_end_with_words(cli, tmp_path_factory: pytest.TempPathFactory,
+                                                     tmp_path: Path) -> None:
+    """A model whose output k is its filter k's mean response (filters 0/1/2: red/green/blue
+    detectors), images of red, green and blue squares: each colour's one relevant filter is its
+    detector, zeroing it breaks that class (random single filters mostly do not); with an
+    explainer each filter gets its words, novel ones marked."""
+    from test_explain import _build_trained  # the explain tests' small trained explainer
+
+    t = _build_trained(tmp_path_factory)
+    rng = np.random.default_rng(0)
+    colours = {"red": (230, 20, 20), "green": (20, 220, 30), "blue": (30, 30, 230)}
+    for name, rgb in colours.items():
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(4):
+            im = np.full((32, 32, 3), 110, np.uint8)
+            x, y = rng.integers(0, 12, 2)
+            im[y:y + 20, x:x + 20] = rgb
+            Image.fromarray(im).save(tmp_path / "imgs" / name / f"{i}.png")
+    cls = tmp_path / "classes.txt"
+    cls.write_text("0 red\n1 green\n2 blue\n3 grey\n4 yellow\n5 dark\n")
+    r = run_cli_home(t["home"], "relevant", f"{t['factory']}:build", "--weights", "none", "--images",
+                     tmp_path / "imgs", "--classes", cls, "--layer", "feat", "--per-class", "1", "--explainer",
+                     t["explainer"], "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert {n: c["filters"] for n, c in doc["classes"].items()} == {"red": [0], "green": [1], "blue": [2]}
+    for c in doc["classes"].values():
+        a = c["ablation"]
+        assert a["baseline"] == 1.0 and a["selected"] == 0.0 and a["random"]["mean"] > 0.5
+    assert doc["union"]["ablation"]["selected"] == 0.0
+    assert doc["explainer"] == t["explainer"]
+    for c in doc["classes"].values():  # the words `explain` gives these filters on these images
+        ws = c["words"][str(c["filters"][0])]
+        assert len(ws) == 5 and all(w["novel"] == (w["word"] not in {"dog", "cat", "car"}) for w in ws)
+
+
+def run_cli_home(home: Path, *args: object):
+    from typer.testing import CliRunner
+
+    from lavise_cli.cli import app
+
+    return CliRunner().invoke(app, ["--home", str(home), *[str(a) for a in args]])
+
+
 # -- the reproduction on MNIST --------------------------------------------------------------------
 
 

@@ -392,8 +392,6 @@ def ablation_predictions(model: TargetModel, layer: str, images: Dataset, keep: 
     chunk = max(1, ROWS_PER_FORWARD // batch_size) if stacks_sets(net, layer, d, model.preprocess.input_size) else 1
     chunk = min(chunk, s_all)
     passes = math.ceil(s_all / chunk)
-    task = progress.add_task(f"ablation {layer}: {s_all} sets", total=passes, unit="pass") \
-        if progress is not None else None
     wrapped = Logits(net).eval()
     for p in range(passes):
         sl = slice(p * chunk, min(s_all, (p + 1) * chunk))
@@ -406,9 +404,8 @@ def ablation_predictions(model: TargetModel, layer: str, images: Dataset, keep: 
 
         with zeroed(net, layer, k):
             run_pass(images, wrapped, ["logits"], compute, [Predictions(pred, sl)], device=device,
-                     precision=precision, batch_size=batch_size, workers=0, label=f"ablation pass {p + 1}/{passes}")
-        if task is not None:
-            progress.advance(task)
+                     precision=precision, batch_size=batch_size, workers=0, progress=progress,
+                     label=f"ablation {layer}: sets {sl.start + 1}-{sl.stop} of {s_all}")
     return pred
 
 
@@ -620,7 +617,6 @@ def explainer_words(store: Store, name: str, model: TargetModel, layer: str | No
                     *, device: torch.device | str = "cpu", top: int = 5, p: int = 25,
                     progress: Any = None) -> None:
     """Each relevant filter's words (filter attention over the result's images), into ``result.words``."""
-    from ..explain import parse_filters  # noqa: F401  (the explain stack)
     from ..methods import run_explain
     from ..results import explanation_doc
     from ..session import Session, open_explainer, training_overlap, vocabulary_for
