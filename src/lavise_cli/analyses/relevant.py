@@ -46,7 +46,8 @@ from ..store import Store, stable_digest
 
 POOLS = ("max", "mean")
 RANDOM_RUNS = 5
-ROWS_PER_FORWARD = 512  # rows after the layer in one forward (sets x images)
+STACK_BYTES = 256 << 20  # the layer's output repeated per set, in one forward, at most
+MAX_SETS_PER_PASS = 64
 KEEP_DECODED_BYTES = 1 << 30  # decoded inputs kept in memory between ablation passes, at most
 WNID = re.compile(r"^n\d{8}$")
 
@@ -381,15 +382,19 @@ class Predictions(Sink):
 
 def ablation_predictions(model: TargetModel, layer: str, images: Dataset, keep: torch.Tensor, *,
                          device: torch.device | str = "cpu", precision: str = "auto", batch_size: int = 32,
-                         progress: Any = None) -> torch.Tensor:
+                         row_bytes: int | None = None, progress: Any = None) -> torch.Tensor:
     """The model's top-1 ``(S, N)`` on every image of ``images`` (Items as the target pass reads
     them) with each set ``keep[s]`` (``(S, d)``, 0 = zeroed) applied at ``layer``; -1 for an image
-    that did not decode.  As few passes of :func:`run_pass` as the sets allow (see the module)."""
+    that did not decode.  As few passes of :func:`run_pass` as the sets allow (see the module):
+    ``row_bytes``, the layer's output per image (default: 4 bytes x 1280 x 7 x 7), sizes how
+    many sets share a forward (:data:`STACK_BYTES` of repeated output at most)."""
     n = len(images)  # type: ignore[arg-type]
     s_all, d = keep.shape
     pred = torch.full((s_all, n), -1, dtype=torch.long)
     net = model.module
-    chunk = max(1, ROWS_PER_FORWARD // batch_size) if stacks_sets(net, layer, d, model.preprocess.input_size) else 1
+    per_set = batch_size * (row_bytes or 4 * 1280 * 7 * 7)
+    chunk = max(1, min(MAX_SETS_PER_PASS, STACK_BYTES // per_set)) \
+        if stacks_sets(net, layer, d, model.preprocess.input_size) else 1
     chunk = min(chunk, s_all)
     passes = math.ceil(s_all / chunk)
     wrapped = Logits(net).eval()
@@ -524,7 +529,8 @@ def relevant_filters(
     size = model.preprocess.input_size
     base = ImageFiles(tgt.paths, size, model.preprocess.mean, model.preprocess.std)
     images = KeptImages(base, keep=n_img * 3 * size * size * 4 <= KEEP_DECODED_BYTES)
-    run_kw = dict(device=device, precision=precision, batch_size=batch_size, progress=progress)
+    run_kw = dict(device=device, precision=precision, batch_size=batch_size, progress=progress,
+                  row_bytes=4 * d * cache.shape[1] * cache.shape[2])
 
     # The unablated model's top-1 (the baseline; the labels of --labels predicted).
     base_pred = ablation_predictions(model, layer, images, torch.ones(1, d), **run_kw)[0]  # type: ignore[arg-type]
