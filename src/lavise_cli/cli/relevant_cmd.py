@@ -130,7 +130,7 @@ def relevant(
         emit_json(doc)
         return
     for name, c in doc["classes"].items():
-        t = Table(title=f"class {name} ({c['images']} images): {len(c['filters'])} relevant filters of {doc['layer']}")
+        t = Table(title=f"class {name}: {len(c['filters'])} filters", caption=f"{c['images']} images")
         t.add_column("filter", justify="right")
         t.add_column("weight", justify="right")
         if doc["explainer"]:
