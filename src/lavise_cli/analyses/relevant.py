@@ -194,8 +194,8 @@ def predicted_labels(target: ImageSet, predictions: torch.Tensor, class_names: S
     if left:
         notice(f"{left} predicted classes with fewer than {min_images} images left out; {len(kept)} classes kept")
 
-    def name(i: int) -> str:
-        return class_names[i] if class_names is not None and i < len(class_names) else str(i)
+    def name(i: int) -> str:  # the index first: names repeat (ImageNet has two "crane" classes)
+        return f"{i} {class_names[i]}" if class_names is not None and i < len(class_names) else str(i)
 
     member = torch.stack([preds == i for i in kept], 1)
     return Labels(target=target, classes=[name(i) for i in kept], member=member, outputs=None, kind="predicted")
