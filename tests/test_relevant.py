@@ -127,7 +127,7 @@ def test_hook_zeroes_exactly_the_chosen_channels_and_only_inside() -> None:
     torch.testing.assert_close(pooled[1][:, 1:], ref[:, 1:])
     assert bool((ref[:, [0, 1, 5]] > 0).any())  # the zeroed channels were active: the test can fail
     torch.testing.assert_close(after, plain)  # hook gone after the ablated pass
-    assert not net.feat._forward_hooks or all("zeroed" not in repr(v) for v in net.feat._forward_hooks.values())
+    assert not net.feat._forward_hooks  # the ablation hook (and the test's own) removed
 
 
 class Tensors(torch.utils.data.Dataset):
