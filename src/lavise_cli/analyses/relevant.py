@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..defaults import DEFAULT_METHOD  # filter attention
 from ..errors import LaviseError, notice
 from ..layers import resolve_layer, user_code
 from ..models import TargetModel
@@ -643,7 +644,7 @@ def explainer_words(store: Store, name: str, model: TargetModel, layer: str | No
     if not filters:
         return
     voc = vocabulary_for(ses)
-    expl = run_explain(ses, filters, "attention", voc, p=min(p, result.cache.n), s=5, k=top, progress=progress)
+    expl = run_explain(ses, filters, DEFAULT_METHOD, voc, p=min(p, result.cache.n), s=5, k=top, progress=progress)
     doc = explanation_doc(ses, expl)
     for f in doc["filters"]:
         result.words[int(f["filter"])] = [] if f["inactive"] else \
