@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lavise_cli.analyses import relevant as rel
+from lavise_cli.analyses import ablation
 from lavise_cli.models import Preprocess, TargetModel
 from lavise_cli.passes.runner import Item
 
@@ -60,15 +60,15 @@ def main() -> None:
     ds = Tensors(x)
 
     def stacked() -> torch.Tensor:
-        return rel.ablation_predictions(tm, "relu4", ds, keep, batch_size=32, row_bytes=4 * 64 * 7 * 7)
+        return ablation.ablation_predictions(tm, "relu4", ds, keep, batch_size=32, row_bytes=4 * 64 * 7 * 7)
 
     def one_by_one() -> torch.Tensor:
-        old = rel.MAX_SETS_PER_PASS
-        rel.MAX_SETS_PER_PASS = 1
+        old = ablation.MAX_SETS_PER_PASS
+        ablation.MAX_SETS_PER_PASS = 1
         try:
             return stacked()
         finally:
-            rel.MAX_SETS_PER_PASS = old
+            ablation.MAX_SETS_PER_PASS = old
 
     def bare() -> None:
         with torch.inference_mode():

@@ -13,8 +13,8 @@ from PIL import Image
 from torch import nn
 
 from conftest import SHARED_DATA, assert_clear_error
-from lavise_cli.analyses.relevant import (ablation_predictions, lasso_select, random_sets, stacks_sets,
-                                          standardise, zeroed)
+from lavise_cli.analyses.ablation import ablation_predictions, random_sets, stacks_sets, zeroed
+from lavise_cli.analyses.lasso import lasso_select, standardise
 from lavise_cli.passes.runner import Item
 
 ROOT = Path(__file__).resolve().parents[1]

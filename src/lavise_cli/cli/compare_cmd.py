@@ -13,11 +13,11 @@ from .app import app
 from .common import emit_json, handle_errors, info, lazy, out, progress, state, warn_trained_on
 from .options import BATCH, DATASET, DEVICE, EXPLAINER, PRECISION, RANK, RETRIEVAL, SPLIT, VOCAB, VOCAB_SIZE
 
-compare_groups = lazy("analyses.compare", "compare_groups")
-compare_models = lazy("analyses.compare", "compare_models")
-make_groups = lazy("analyses.compare", "make_groups")
-parse_group_specs = lazy("analyses.compare", "parse_group_specs")
-read_groups_file = lazy("analyses.compare", "read_groups_file")
+compare_groups = lazy("analyses.group_compare", "compare_groups")
+compare_models = lazy("analyses.model_compare", "compare_models")
+make_groups = lazy("analyses.image_groups", "make_groups")
+parse_group_specs = lazy("analyses.image_groups", "parse_group_specs")
+read_groups_file = lazy("analyses.image_groups", "read_groups_file")
 write_groups_page = lazy("visualize.compare_page", "write_groups_page")
 write_models_page = lazy("visualize.compare_page", "write_models_page")
 
