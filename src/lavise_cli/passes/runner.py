@@ -7,29 +7,11 @@ and its prefetch, the hooks with early stop (:func:`lavise_cli.models.capture`),
 memory layout and precision (:mod:`lavise_cli.runtime`), progress, checkpoints and resume, the
 lock of the pass's work folder, and publishing its store entries.
 
-Work folder (``StoreOutput``): ``<kind>/.partial-<key>/``, the pass split in **pieces**, each a
-contiguous block of items with its own state ``state-p<start>.json`` (``start``, ``stop``,
-``next``, ``shards``, ``skipped``, ``done``, ``seconds``), its shards
-(``z-p000000120-00003.safetensors``) and its sinks' checkpoint state
-(``sink-<i>-p<start>-<checkpoint>.safetensors``); ``state.json`` names the entries (``keys``) for the sweep.
-A checkpoint is taken whenever a sink is due (every sink flushes, then the piece's state is
-written atomically), so an interrupted piece continues at ``next``.
-
-- **Plan** (under the folder's lock, :meth:`Store.lock` on its name): pieces already done are
-  kept; a piece another live process is running (its own lock ``<work>-p<start>`` is held) is
-  left to it; an unfinished piece nobody runs is continued where it stopped (one process) or cut
-  there (torchrun ranks, a share it does not fit in); the items no piece covers become new pieces:
-  all of them for one process, this share's for ``--shard I/N``, a balanced split of them across
-  the ranks of a torchrun job, in whole batches (:func:`aligned_block`: each batch holds the same
-  items whatever the number of processes, so the results do too) (rank 0 plans, every rank takes its pieces' locks, then the folder's
-  lock is let go).  So a pass resumes from the shards already written whatever the number of
-  processes that wrote them or run it now.
-- **Run**: each process runs its pieces holding only their locks, so ranks and shares overlap.
-- **Publish** (under the folder's lock, once every piece is done: rank 0 after every rank has
-  finished, or whichever process finds the last piece done): each sink's :meth:`Sink.publish`
-  gets every piece's final state in item order (merged statistics), the pieces' shards are
-  renamed ``<prefix>-NNNNN`` in item order into the entry (:meth:`Store.writing`), and the work
-  folder goes.  A concurrent identical pass that finds the entries published uses them.
+Work folder (``StoreOutput``): ``<kind>/.partial-<key>/``, the pass split in **pieces**
+(contiguous blocks of items, each with its state, shards and sinks' checkpoints): planned under
+the folder's lock, run by each process holding only its pieces' locks, published under the
+folder's lock once every piece is done; the folder, its pieces and their files are
+:mod:`lavise_cli.passes.pieces` (:class:`~lavise_cli.passes.pieces.WorkFolder`).
 
 Ranks: under ``torchrun`` (:mod:`lavise_cli.distributed`) every rank calls :func:`run_pass`
 with the same pass; their control messages are gathered objects, so a rank's failure stops all.
@@ -41,9 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +30,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
@@ -61,9 +39,9 @@ from ..distributed import Context
 from ..errors import ShareDone
 from ..layers import capture, forward_to
 from ..runtime import TRIM_EVERY, autocast, backbone, backbone_input, default_workers, resolve_precision, trim_memory
-from ..store import Store, atomic_write_json, temp_sibling
-
-STATE = "state.json"
+from ..store import Store, atomic_write_json
+from .pieces import (  # noqa: F401  (their home was here: importable from lavise_cli.passes.runner as before)
+    PIECE_SHARD, STATE, Shards, WorkFolder, aligned_block, piece_tag, rank_block, save_shard, split_ranges)
 
 
 @dataclass
@@ -118,41 +96,6 @@ class Sink:
 
 
 @dataclass
-class Shards:
-    """Names of shard files: ``<prefix>-00003.safetensors`` (a pass without pieces),
-    ``<prefix>-p000000120-00003.safetensors`` (the piece of a stored pass that starts at item 120;
-    published as ``<prefix>-NNNNN`` in item order) or ``<prefix>-r001-00003.safetensors`` (the older
-    rank names); ``index`` is the checkpoint count."""
-
-    index: int = 0
-    rank: int = 0
-    world: int = 1
-    piece: int | None = None
-
-    def name(self, prefix: str, index: int | None = None) -> str:
-        i = self.index if index is None else index
-        if self.piece is not None:
-            return f"{prefix}-{piece_tag(self.piece)}-{i:05d}.safetensors"
-        return f"{prefix}-{i:05d}.safetensors" if self.world == 1 else f"{prefix}-r{self.rank:03d}-{i:05d}.safetensors"
-
-
-def piece_tag(start: int) -> str:
-    """The name of the piece of a pass that starts at item ``start``: ``p000000120``."""
-    return f"p{start:09d}"
-
-
-PIECE_SHARD = re.compile(r"^(?P<prefix>.+)-p(?P<start>\d{9})-(?P<index>\d{5})\.safetensors$")
-
-
-def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors shard atomically (a temporary sibling, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-@dataclass
 class Publication:
     """One store entry a pass publishes: its key, inputs, and (from the finished pass) settings
     and extra manifest fields; ``folder`` is where its files are in a resumable work folder."""
@@ -183,14 +126,6 @@ class PassResult:
     seconds: float = 0.0
     skipped: list[int] = field(default_factory=list)
     published: bool = False
-
-
-def rank_block(n: int, rank: int, world: int) -> range:
-    """The contiguous block of ``n`` items that ``rank`` of ``world`` processes takes."""
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank {rank} of world {world}")
-    return range(n * rank // world, n * (rank + 1) // world)
-
 
 
 def run_pass(
@@ -248,108 +183,13 @@ class _Run:
         self.device, self.precision, self.batch_size, self.workers = device, precision, batch_size, workers
         self.progress, self.label, self.unit, self.weights, self.output = progress, label, unit, weights, output
         self.st, self.kind = output.store, output.kind
-        self.folder = self.st.kind_dir(self.kind) / output.work
         self.n = len(images)  # type: ignore[arg-type]
-        self.keys = sorted(e.key for e in output.entries)
+        self.work = WorkFolder(self.st, self.kind, output.work, sorted(e.key for e in output.entries), self.n)
+        self.folder = self.work.path
         self.fresh = [s.state_dict() for s in sinks]  # a sink's state before any item
         self.dirty = False  # the sinks hold a piece's items
         self.seconds = 0.0
         self.skipped: list[int] = []
-
-    # -- the pieces on disk --------------------------------------------------------------------
-    def state_path(self, start: int) -> Path:
-        return self.folder / f"state-{piece_tag(start)}.json"
-
-    def pieces(self) -> list[dict[str, Any]]:
-        out = []
-        for p in self.folder.glob("state-p*.json"):
-            try:
-                out.append(json.loads(p.read_text()))
-            except (OSError, ValueError):
-                continue
-        return sorted(out, key=lambda s: s["start"])
-
-    def piece_lock(self, start: int) -> Any:
-        return self.st.lock(self.kind, f"{self.output.work}-{piece_tag(start)}")
-
-    def busy(self, start: int) -> bool:
-        with self.st.try_lock(self.kind, f"{self.output.work}-{piece_tag(start)}") as free:
-            return not free
-
-    def drop_shards(self, start: int, keep: int) -> None:
-        """Remove the piece's shard and sink-state files from checkpoint ``keep`` on (written by a
-        checkpoint that an interrupt kept from recording them in the piece's state)."""
-        for p in list(self.folder.rglob(f"*-{piece_tag(start)}-*.safetensors")):
-            m = PIECE_SHARD.match(p.name)
-            if m and int(m["index"]) >= keep:
-                p.unlink(missing_ok=True)
-
-    def sink_state(self, i: int, s: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-        """Sink ``i``'s state at the piece's last recorded checkpoint (None: it kept none)."""
-        if s["shards"] < 1:
-            return None
-        path = self.folder / f"sink-{i}-{piece_tag(s['start'])}-{s['shards'] - 1:05d}.safetensors"
-        return load_file(str(path)) if path.exists() else None
-
-    def new_piece(self, start: int, stop: int) -> dict[str, Any]:
-        s = {"start": start, "stop": stop, "next": 0, "shards": 0, "skipped": [], "done": False, "seconds": 0.0}
-        self.drop_shards(start, 0)  # what a piece of that name left before it recorded anything
-        atomic_write_json(self.state_path(start), s)
-        return s
-
-    def plan(self, share: range | None, in_place: bool) -> tuple[list[dict[str, Any]], list[int], list[range]]:
-        """Under the work folder's lock: (unfinished pieces this process continues where they
-        stopped, starts of pieces another live process is running, ranges no piece covers).
-
-        An unfinished piece nobody runs is continued in place when ``in_place`` and it lies in
-        ``share``; otherwise it is cut where it stopped (its done part kept, the rest uncovered)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        try:
-            known = json.loads((self.folder / STATE).read_text())
-        except (OSError, ValueError):
-            known = None
-        if known != {"keys": self.keys, "items": self.n}:  # none yet, or an older layout: start afresh
-            for p in list(self.folder.iterdir()):
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-            atomic_write_json(self.folder / STATE, {"keys": self.keys, "items": self.n})  # what the sweep reads
-        mine, busy, covered = [], [], []
-        for s in self.pieces():
-            if s["done"]:
-                covered.append(range(s["start"], s["stop"]))
-            elif self.busy(s["start"]):
-                busy.append(s["start"])
-                covered.append(range(s["start"], s["stop"]))
-            elif in_place and (share is None or (share.start <= s["start"] and s["stop"] <= share.stop)):
-                self.drop_shards(s["start"], s["shards"])
-                mine.append(s)
-                covered.append(range(s["start"], s["stop"]))
-            elif s["next"] > 0:  # keep what it did; the rest is uncovered again
-                self.drop_shards(s["start"], s["shards"])
-                s.update(stop=s["start"] + s["next"], done=True)
-                atomic_write_json(self.state_path(s["start"]), s)
-                covered.append(range(s["start"], s["stop"]))
-            else:
-                self.state_path(s["start"]).unlink(missing_ok=True)
-                self.drop_shards(s["start"], 0)
-        gaps, at = [], 0
-        for r in sorted(covered, key=lambda r: r.start):
-            if r.start > at:
-                gaps.append(range(at, r.start))
-            at = max(at, r.stop)
-        if at < self.n:
-            gaps.append(range(at, self.n))
-        if share is not None:
-            gaps = [range(max(g.start, share.start), min(g.stop, share.stop)) for g in gaps]
-            gaps = [g for g in gaps if len(g)]
-        return mine, busy, gaps
-
-    def complete(self) -> bool:
-        at = 0
-        for s in self.pieces():
-            if not s["done"] or s["start"] != at:
-                return False
-            at = s["stop"]
-        return at == self.n
 
     # -- one process (alone, or one --shard share) ------------------------------------------------
     def alone(self, ctx: Context) -> PassResult:
@@ -357,28 +197,28 @@ class _Run:
         ran = False
         while True:
             with contextlib.ExitStack() as held:
-                with self.st.lock(self.kind, self.output.work):
+                with self.work.lock():
                     if any(self.st.exists(self.kind, e.key) for e in self.output.entries):
                         return PassResult(ran=False)  # a concurrent identical pass made (some of) them
-                    mine, busy, gaps = self.plan(share, in_place=True)
-                    todo = mine + [self.new_piece(g.start, g.stop) for g in gaps]
-                    if not todo and not busy and (share is None or self.complete()):
+                    mine, busy, gaps = self.work.plan(share, in_place=True)
+                    todo = mine + [self.work.new_piece(g.start, g.stop) for g in gaps]
+                    if not todo and not busy and (share is None or self.work.complete()):
                         return self.publish(ran)
                     for s in todo:
-                        held.enter_context(self.piece_lock(s["start"]))
+                        held.enter_context(self.work.piece_lock(s["start"]))
                 self.run_pieces(todo)
                 ran = ran or bool(todo)
                 # publish (or not) under the folder's lock, taken before the pieces' locks go
-                with self.st.lock(self.kind, self.output.work):
+                with self.work.lock():
                     held.close()
                     if any(self.st.exists(self.kind, e.key) for e in self.output.entries):
                         return PassResult(ran=False)
-                    if self.complete():
+                    if self.work.complete():
                         return self.publish(ran)
                     if share is not None:  # this share is done; others are still to run
                         return PassResult(ran=True, seconds=self.seconds, skipped=sorted(set(self.skipped)))
             for start in busy:  # wait for the pieces another live process runs, then plan again
-                with self.piece_lock(start):
+                with self.work.piece_lock(start):
                     pass
 
     # -- the ranks of a torchrun job ---------------------------------------------------------------
@@ -387,11 +227,11 @@ class _Run:
             with contextlib.ExitStack() as folder_lock, contextlib.ExitStack() as held:
                 plan: dict[str, Any] = {}
                 if ctx.rank == 0:
-                    folder_lock.enter_context(self.st.lock(self.kind, self.output.work))
+                    folder_lock.enter_context(self.work.lock())
                     if any(self.st.exists(self.kind, e.key) for e in self.output.entries):
                         plan = {"exists": True}
                     else:
-                        _mine, busy, gaps = self.plan(None, in_place=False)
+                        _mine, busy, gaps = self.work.plan(None, in_place=False)
                         if not gaps and busy:
                             plan = {"wait": busy}
                         else:
@@ -399,7 +239,7 @@ class _Run:
                                                for rank in range(ctx.world)]}
                             for rng in plan["assign"]:
                                 for a, b in rng:
-                                    self.new_piece(a, b)
+                                    self.work.new_piece(a, b)
                 plan = distributed.gather(plan)[0]
                 if plan.get("exists"):
                     return PassResult(ran=False)
@@ -407,13 +247,13 @@ class _Run:
                     folder_lock.close()
                     if ctx.rank == 0:
                         for start in plan["wait"]:
-                            with self.piece_lock(start):
+                            with self.work.piece_lock(start):
                                 pass
                     distributed.gather("waited")
                     continue
-                mine = [json.loads(self.state_path(a).read_text()) for a, _b in plan["assign"][ctx.rank]]
+                mine = [json.loads(self.work.state_path(a).read_text()) for a, _b in plan["assign"][ctx.rank]]
                 for s in mine:
-                    held.enter_context(self.piece_lock(s["start"]))
+                    held.enter_context(self.work.piece_lock(s["start"]))
                 distributed.gather("claimed")  # every rank holds its pieces: the plan may be seen now
                 folder_lock.close()
                 self.run_pieces(mine)
@@ -422,10 +262,10 @@ class _Run:
             result = PassResult(ran=True, seconds=self.seconds, skipped=sorted(set(self.skipped)))
             status = None
             if ctx.rank == 0:
-                with self.st.lock(self.kind, self.output.work):
+                with self.work.lock():
                     if any(self.st.exists(self.kind, e.key) for e in self.output.entries):
                         status = "exists"  # a concurrent process published the pass
-                    elif self.complete():
+                    elif self.work.complete():
                         result = self.publish(True)
                         status = "published"
                     else:
@@ -436,7 +276,7 @@ class _Run:
             result.published = True
             return result
 
-    # -- running pieces, publishing ------------------------------------------------------------------
+    # -- running pieces, publishing (the entries' files: WorkFolder.publish) ----------------------
     def run_pieces(self, todo: list[dict[str, Any]]) -> None:
         if not todo:
             return
@@ -448,7 +288,7 @@ class _Run:
         for s in todo:
             tag = piece_tag(s["start"])
             for i, sink in enumerate(self.sinks):
-                saved = self.sink_state(i, s) if s["next"] > 0 else None
+                saved = self.work.sink_state(i, s) if s["next"] > 0 else None
                 if saved is not None:
                     sink.load_state_dict(saved)
                 elif self.dirty:
@@ -456,72 +296,26 @@ class _Run:
             self.dirty = True
             result = _loop(self.images, self.model, self.layers, self.compute, self.sinks, self.device, self.precision,
                            self.batch_size, self.workers, None, self.label, self.unit, self.weights, self.folder,
-                           (s, self.state_path(s["start"]), f"-{tag}"),
+                           (s, self.work.state_path(s["start"]), f"-{tag}"),
                            Shards(s["shards"], piece=s["start"]), range(s["start"], s["stop"]),
                            task=(self.progress, task) if task is not None else None)
             s["done"] = True
             s["seconds"] = float(s.get("seconds", 0.0)) + result.seconds
-            atomic_write_json(self.state_path(s["start"]), s)
+            atomic_write_json(self.work.state_path(s["start"]), s)
             self.seconds += result.seconds
             self.skipped += result.skipped
 
     def publish(self, ran: bool) -> PassResult:
-        """Under the work folder's lock, every piece done: merge, rename the shards in item order, publish."""
-        st, kind = self.st, self.kind
-        pieces = self.pieces()
+        """Under the work folder's lock, every piece done: merge the sinks' states, publish the entries."""
+        pieces = self.work.pieces()
         result = PassResult(ran=ran, seconds=sum(float(s.get("seconds", 0.0)) for s in pieces),
                             skipped=sorted({int(i) for s in pieces for i in s["skipped"]}))
         for i, sink in enumerate(self.sinks):
-            parts = [part for s in pieces if (part := self.sink_state(i, s)) is not None]
+            parts = [part for s in pieces if (part := self.work.sink_state(i, s)) is not None]
             sink.publish(self.folder, parts)
-        recorded = {s["start"]: s["shards"] for s in pieces}
-        for pub in self.output.entries:
-            src = self.folder / pub.folder
-            with st.writing(kind, pub.key, inputs=pub.inputs, settings=pub.settings(result),
-                            extra=pub.extra(result)) as tmp:
-                if src.exists():
-                    seq: dict[str, int] = {}
-                    for p in sorted(src.glob("*.safetensors")):
-                        if p.name.startswith("sink-"):
-                            continue
-                        m = PIECE_SHARD.match(p.name)
-                        if m is None:
-                            shutil.move(str(p), tmp / p.name)
-                        elif int(m["index"]) < recorded.get(int(m["start"]), 0):
-                            k = seq.get(m["prefix"], 0)
-                            seq[m["prefix"]] = k + 1
-                            shutil.move(str(p), tmp / f"{m['prefix']}-{k:05d}.safetensors")
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.work.publish(self.output.entries, result, pieces)
         result.published = True
         return result
-
-
-def aligned_block(n: int, rank: int, world: int, align: int = 1) -> range:
-    """:func:`rank_block` with its ends moved to the nearest multiple of ``align`` (a batch):
-    every batch then holds the same items as in one process over all ``n``, so the results do
-    not depend on the number of processes (a convolution's last bits may depend on its batch)."""
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank {rank} of world {world}")
-    align = max(1, align)
-
-    def cut(r: int) -> int:
-        return n if r == world else min(n, (n * r // world + align // 2) // align * align)
-
-    return range(cut(rank), cut(rank + 1))
-
-
-def split_ranges(ranges: Sequence[range], rank: int, world: int, align: int = 1) -> list[range]:
-    """``rank``'s part of the items of ``ranges`` (in order): a balanced, contiguous split in
-    whole batches of ``align`` items, counted from each range's start."""
-    units = [range(a, min(a + align, r.stop)) for r in ranges for a in range(r.start, r.stop, max(1, align))]
-    want = rank_block(len(units), rank, world)
-    out: list[range] = []
-    for u in units[want.start:want.stop]:
-        if out and out[-1].stop == u.start:
-            out[-1] = range(out[-1].start, u.stop)
-        else:
-            out.append(u)
-    return out
 
 
 def _loop(images: Dataset, model: nn.Module, layers: Sequence[str], compute: Compute, sinks: Sequence[Sink],
