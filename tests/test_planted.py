@@ -17,132 +17,21 @@ attention weights not applied, regions or thresholds wrong, the explainer not tr
 
 from __future__ import annotations
 
-import json
-import textwrap
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import write_glove
+from conftest import FACTORY, RED, WORDS, write_glove, write_split
 from lavise_cli.data.index import preprocess
 from lavise_cli.download import register_coco
 from lavise_cli.embeddings import register_embedding
 from lavise_cli.pipeline import evaluate_methods, open_session, run_explain, vocabulary_for
 from lavise_cli.models import one_thread
 from lavise_cli.store import Store
-from lavise_cli.testing import rle_counts
 from lavise_cli.train import TrainSettings, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
-
-SIZE = 56  # input size; feat is 7x7 (AvgPool 8)
-RED = 2  # the planted filter
-
-FACTORY = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-
-
-    class ColourNet(nn.Module):
-        # Channels: 0 green, 1 blue, 2 red, 4 yellow -- each capped at 1.0 (saturates on its colour) --
-        # 3 brightness (everywhere) and 5 darkness (uncapped; dead on these images).  Inputs in [0, 1].
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 6, 1)
-            with torch.no_grad():
-                self.conv.weight.copy_(torch.tensor([
-                    [-4.0, 4.0, -4.0],
-                    [-4.0, -4.0, 4.0],
-                    [4.0, -4.0, -4.0],
-                    [0.1, 0.1, 0.1],
-                    [4.0, 4.0, -8.0],
-                    [-1.0, -1.0, -1.0],
-                ]).view(6, 3, 1, 1))
-                self.conv.bias.copy_(torch.tensor([0.0, 0.8, -0.8, 0.0, -4.0, 1.0]))
-            self.pool = nn.AvgPool2d(8)
-            self.feat = nn.Identity()
-
-        def forward(self, x):
-            cap = torch.tensor([1.0, 1.0, 1.0, float("inf"), 1.0, float("inf")]).view(1, 6, 1, 1)
-            y = torch.minimum(torch.relu(self.conv(x)), cap)
-            return self.feat(self.pool(y)).mean((2, 3))
-
-
-    def build():
-        return ColourNet(), {"input_size": 56, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
-    """
-)
-
-CATEGORIES = [
-    {"id": 1, "name": "apple", "supercategory": "food"},
-    {"id": 2, "name": "banana", "supercategory": "food"},
-    {"id": 3, "name": "grass", "supercategory": "plant"},
-    {"id": 4, "name": "sky", "supercategory": "sky"},
-]
-SKY, GRASS = (70, 120, 230), (40, 170, 50)
-APPLE, BANANA = (220, 30, 30), (240, 200, 30)
-# Concepts, then distractors (all in the shipped visual-noun list): the default vocabulary.
-WORDS = ("the of and apple banana grass sky sand wall road tree water car dog ball cup flower house "
-         "window table chair bird horse box bottle").split()
-
-
-def _poly(x0: int, y0: int, x1: int, y1: int) -> list[float]:
-    return [float(v) for v in (x0, y0, x1, y0, x1, y1, x0, y1)]
-
-
-def write_split(root: Path, split: str, n: int, seed: int) -> None:
-    """Objects as polygons; sky and grass as exact masks (RLE) of their visible pixels."""
-    rng = np.random.default_rng(seed)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    (root / f"{split}2017").mkdir(parents=True, exist_ok=True)
-    images: list[dict[str, Any]] = []
-    anns: list[dict[str, Any]] = []
-
-    def add(image_id: int, cat: int, segmentation: Any, box: tuple[int, int, int, int], area: float) -> None:
-        x0, y0, x1, y1 = box
-        anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "iscrowd": 0,
-                     "segmentation": segmentation, "area": area, "bbox": [x0, y0, x1 - x0, y1 - y0]})
-
-    for i in range(n):
-        iid = i + 1
-        split_y = int(rng.integers(12, 45))  # the horizon: sky above, grass below
-        arr = np.zeros((SIZE, SIZE, 3), np.float64)
-        arr[:split_y] = SKY
-        arr[split_y:] = GRASS
-        free = np.ones((SIZE, SIZE), bool)
-        objects = []
-        if rng.random() < 0.85:
-            objects.append((1, APPLE, rng.integers(22, 29, 2)))
-        if rng.random() < 0.4:
-            objects.append((2, BANANA, rng.integers(12, 21, 2)))
-        for cat, colour, (w, h) in objects:
-            for _ in range(100):  # objects do not overlap
-                x0, y0 = int(rng.integers(0, SIZE - w + 1)), int(rng.integers(0, SIZE - h + 1))
-                if free[y0:y0 + h, x0:x0 + w].all():
-                    break
-            free[y0:y0 + h, x0:x0 + w] = False
-            arr[y0:y0 + h, x0:x0 + w] = colour
-            add(iid, cat, [_poly(x0, y0, x0 + int(w), y0 + int(h))], (x0, y0, x0 + int(w), y0 + int(h)), float(w * h))
-        for cat, rows in ((4, slice(0, split_y)), (3, slice(split_y, SIZE))):
-            m = np.zeros((SIZE, SIZE), bool)
-            m[rows] = True
-            m &= free
-            if m.any():
-                ys, xs = np.nonzero(m)
-                add(iid, cat, {"counts": rle_counts(m), "size": [SIZE, SIZE]},
-                    (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), float(m.sum()))
-        arr += rng.normal(0, 6, arr.shape)  # texture, so that no two images are alike
-        fn = f"{split}_{i:05d}.png"
-        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(root / f"{split}2017" / fn)
-        images.append({"id": iid, "file_name": fn, "width": SIZE, "height": SIZE})
-    doc = {"images": images, "annotations": anns, "categories": CATEGORIES}
-    (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(doc))
-
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import Cli, assert_clear_error, write_glove
+from conftest import APPLE, FACTORY, GRASS, RED, SIZE, SKY, WORDS, Cli, assert_clear_error, write_glove, write_split
 from lavise_cli.analyses import (activation_correlation, benjamini_hochberg, group_paths, group_statistics,
                                  match_filters, proportion_test, z_test)
 from lavise_cli.analyses.stats import fisher
@@ -28,7 +28,6 @@ from lavise_cli.embeddings import register_embedding
 from lavise_cli.models import one_thread
 from lavise_cli.store import Store
 from lavise_cli.train import TrainSettings, train
-from test_planted import APPLE, FACTORY, GRASS, RED, SIZE, SKY, WORDS, write_split
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 

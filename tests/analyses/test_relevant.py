@@ -17,7 +17,7 @@ from lavise_cli.analyses.ablation import ablation_predictions, random_sets, stac
 from lavise_cli.analyses.lasso import lasso_select, standardise
 from lavise_cli.passes.runner import Item
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = '''
 import torch

@@ -24,7 +24,7 @@ from torch import nn
 from conftest import SMALL_GLOVE_WORDS, assert_clear_error, write_glove
 from lavise_cli.errors import LaviseError
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def usage_error(result: Any, option: str) -> None:

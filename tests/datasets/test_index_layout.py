@@ -26,7 +26,7 @@ from lavise_cli.store import Store
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-V2 = Path(__file__).parent / "data" / "index_v2"
+V2 = Path(__file__).parents[1] / "data" / "index_v2"
 
 
 @pytest.fixture

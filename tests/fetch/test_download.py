@@ -27,7 +27,7 @@ from lavise_cli.store import Store
 if TYPE_CHECKING:
     from conftest import FixtureServer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 VOCAB = REPO / "src/lavise_cli/resources/visual_nouns.txt"
 SCRIPT = REPO / "scripts/build_vocab.py"
-GLOVE = Path(__file__).parents[2] / "shared/data/glove/glove.6B.50d.top100k.txt.gz"
+GLOVE = Path(__file__).parents[3] / "shared/data/glove/glove.6B.50d.top100k.txt.gz"
 WORDNET_DIRS = [Path("/usr/share/wordnet"), Path("/usr/share/wordnet/dict"),
                 Path("/usr/lib/wordnet/dict")]
 
