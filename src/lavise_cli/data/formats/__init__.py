@@ -97,6 +97,17 @@ def judge_image(c: Candidate, probed: tuple[str, str | None, int, int], dropped:
     return None
 
 
+def add_image(split: dict[str, Any], image: dict[str, Any], pairs: Sequence[tuple[Any, str]]) -> None:
+    """Append one accepted image (its record) and its (concept, RLE) pairs to a split in the
+    lists form (``images``, ``pair_image``, ``pair_cat``, ``rle``)."""
+    row = len(split["images"])
+    split["images"].append(image)
+    for concept, rle in pairs:
+        split["pair_image"].append(row)
+        split["pair_cat"].append(concept)
+        split["rle"].append(rle)
+
+
 Builder = Callable[..., Built]
 _FORMATS: dict[str, Callable[[], Builder]] = {}
 

@@ -32,7 +32,7 @@ from pycocotools import mask as mask_utils
 
 from ...errors import DataError
 from ..pool import pool_map
-from . import Built, Candidate, accept_images
+from . import Built, Candidate, accept_images, add_image
 
 META_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
 BRODEN_CATEGORIES = ("object", "part", "material", "scene", "texture", "color")
@@ -189,13 +189,8 @@ def build_broden(settings: dict[str, Any], options: dict[str, Any], workers: int
             if not known:
                 dropped[split]["images with no known label"] += 1
                 continue
-            k = len(sp["images"])
-            sp["images"].append({"id": iid, "file": f, "height": ih, "width": iw})
-            for lab, r in known:
-                sp["pair_image"].append(k)
-                sp["pair_cat"].append(lab)
-                sp["rle"].append(r)
-                used.add(lab)
+            add_image(sp, {"id": iid, "file": f, "height": ih, "width": iw}, known)
+            used.update(lab for lab, _r in known)
         sp["dropped"] = {k: v for k, v in dropped[split].items() if v}
         splits[split] = sp
     if not splits:

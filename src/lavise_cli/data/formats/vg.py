@@ -20,7 +20,7 @@ from pycocotools import mask as mask_utils
 
 from ...errors import DataError
 from ..pool import pool_map
-from . import Built, Candidate, accept_images
+from . import Built, Candidate, accept_images, add_image
 
 MIN_IMAGES = 100  # the paper's threshold on concept frequency
 VAL_FRACTION = 0.1
@@ -203,12 +203,7 @@ def build_vg(settings: dict[str, Any], options: dict[str, Any], workers: int, pr
         if not pairs:
             sp["dropped"]["images with no remaining object"] += 1
             continue
-        row = len(sp["images"])
-        sp["images"].append({"id": iid, "file": f, "height": h, "width": w})
-        for c, r in pairs:
-            sp["pair_image"].append(row)
-            sp["pair_cat"].append(c)
-            sp["rle"].append(r)
+        add_image(sp, {"id": iid, "file": f, "height": h, "width": w}, pairs)
     splits["train"]["dropped"].update(dropped)
     splits["train"]["dropped_images"] = gone  # counted with train's, as the reasons above
     for sp in splits.values():
