@@ -105,6 +105,43 @@ def _cache(img_max: torch.Tensor, img_mean: torch.Tensor, tmp: Path) -> TargetCa
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_top_images_streamed_over_shards_equal_the_whole_sort(seed: int, tmp_path: Path, monkeypatch) -> None:
+    """The per-image statistics stream shard by shard (on disk) or block by block (in memory),
+    keeping p candidates per filter: with shards smaller and larger than p and heavy ties, the
+    rows equal one sort of the whole matrices, and ``max_at`` reads back the same maxima."""
+    from safetensors.torch import save_file
+
+    import lavise_cli.passes.target as target_mod
+
+    g = torch.Generator().manual_seed(seed)
+    n, d, p = 300, 7, 20
+    img_max = torch.randint(0, 4, (n, d), generator=g).float()
+    img_mean = torch.randint(0, 3, (n, d), generator=g).float() / 4
+    sizes = [5, 40, 1, 90, 64, 100]  # the shards of a pass split in pieces: any sizes
+    assert sum(sizes) == n
+    a = 0
+    for k, b in enumerate(sizes):
+        save_file({"rows": torch.arange(a, a + b), "max": img_max[a:a + b].contiguous(),
+                   "mean": img_mean[a:a + b].contiguous()}, str(tmp_path / f"images-{k:05d}.safetensors"))
+        save_file({"maps": torch.zeros(b, d, 2, 2).half()}, str(tmp_path / f"maps-{k:05d}.safetensors"))
+        a += b
+    on_disk = TargetCache(root=tmp_path, layer="x", threshold=torch.zeros(d), shape=(d, 2, 2), hit=True)
+    monkeypatch.setattr(target_mod, "IMAGE_BLOCK", 33)  # the in-memory cache in blocks of 33 rows
+    in_memory = _cache(img_max, img_mean, tmp_path)
+    for cache in (on_disk, in_memory):
+        top = top_images(cache, p)
+        assert top.shape == (d, p)
+        for u in range(d):
+            assert top[u].tolist() == ref_top_images(img_max, img_mean, u, p), u
+    assert torch.equal(on_disk.rows, torch.arange(n))
+    assert torch.equal(on_disk.img_max, img_max) and torch.equal(on_disk.img_mean, img_mean)
+    rows, filt = torch.randint(0, n, (50,), generator=g), torch.randint(0, d, (50,), generator=g)
+    fresh = TargetCache(root=tmp_path, layer="x", threshold=torch.zeros(d), shape=(d, 2, 2), hit=True)
+    assert torch.equal(fresh.max_at(rows, filt), img_max[rows, filt])
+    assert fresh._max is None  # read by shard spans, the whole matrix never loaded
+
+
 def test_parse_filters() -> None:
     assert parse_filters("150,2", 512) == [2, 150]
     assert parse_filters("0-3,7, 2", 10) == [0, 1, 2, 3, 7]

@@ -60,14 +60,10 @@ def parse_filters(spec: str | None, d: int, all_filters: bool = False) -> list[i
 def top_images(cache: TargetCache, p: int) -> torch.Tensor:
     """``(d, p)`` rows of the images with the largest maximum activation per filter.
 
-    Ties (common under saturation) are broken by the image's mean activation, then image order.
+    Ties (common under saturation) are broken by the image's mean activation, then image order;
+    streamed over the cached per-image statistics (:meth:`LayerMaps.top_rows`).
     """
-    mx, mean = cache.img_max, cache.img_mean  # (N, d)
-    p = min(p, mx.shape[0])
-    s1 = torch.argsort(-mean, dim=0, stable=True)
-    s2 = torch.argsort(-mx.gather(0, s1), dim=0, stable=True)
-    order = s1.gather(0, s2)
-    return order[:p].T.contiguous()
+    return cache.top_rows(p)
 
 
 def attention_inputs(maps: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ def explanation_doc(session: Session, ex: Explanation) -> dict[str, Any]:
     filters = []
     for j, u in enumerate(ex.filters):
         rows = ex.top_rows[j].tolist()
+        peaks = session.cache.max_at(rows, [u] * len(rows)).tolist()
         extra = ex.word_scores[j] if ex.word_scores else [(float("nan"), float("nan"))] * len(ex.words[j])
         conf = ex.confidence[j] if ex.confidence else {}
         filters.append({
@@ -47,7 +48,7 @@ def explanation_doc(session: Session, ex: Explanation) -> dict[str, Any]:
                        "novel": w not in concepts, "specificity": round(sp, 4), "layer_mean": round(m, 4)}
                       for (w, c, sim), (sp, m) in zip(ex.words[j], extra)],
             "top_images": [{"row": r, "path": str(session.target.paths[int(session.cache.rows[r])]),
-                            "max_activation": float(session.cache.img_max[r, u]),
+                            "max_activation": peaks[q],
                             "words": [vw[i] for i in ex.image_words[j, q].tolist()]} for q, r in enumerate(rows)],
         })
     return {

@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lavise_cli.passes.target import _load_target
 from lavise_cli.store import Store
 
 from conftest import Cli
@@ -94,7 +95,8 @@ def pair_features(home: Path) -> dict[str, torch.Tensor]:
 
 def target_stats(home: Path) -> dict[str, torch.Tensor]:
     (entry,) = Store(home).list("targets")
-    return load_file(str(entry.path / "stats.safetensors"))
+    cache = _load_target(Store(home), entry.path.name, "x", hit=True)
+    return {"threshold": cache.threshold, "rows": cache.rows, "img_max": cache.img_max}
 
 
 def rel_close(a: float, b: float, tol: float) -> bool:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from lavise_cli.data.images import View, apply_view_image, normalize, read_rgb
 from lavise_cli.errors import LaviseError
@@ -156,6 +157,12 @@ def test_target_pass_maps_span_several_shards(tmp_path: Path, tiny_model) -> Non
     order = [n - 1, 0, SHARD_IMAGES, SHARD_IMAGES - 1, 3, SHARD_IMAGES + 1]
     assert torch.equal(cache.maps(order), every[order])
     assert torch.equal(every.flatten(2).amax(2), cache.img_max)
+    # the per-image statistics are stored beside the maps, shard for shard, not in memory
+    images = sorted(cache.root.glob("images-*.safetensors"))
+    assert len(images) == 2
+    assert set(load_file(str(cache.root / "stats.safetensors"))) == {"threshold", "shape"}
+    assert [load_file(str(p))["max"].shape[0] for p in images] == [SHARD_IMAGES, 9]
+    assert torch.equal(cache.rows, torch.arange(n))
     d = cache.shape[0]
     _assert_exact_quantile(cache.threshold, every.permute(1, 0, 2, 3).reshape(d, -1))
 

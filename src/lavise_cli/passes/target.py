@@ -3,12 +3,13 @@
 It caches every image's feature map at one layer (fp16 safetensors shards) and computes, per
 filter, the exact 0.995-quantile threshold ``T_u`` (a running top-k, see :class:`lavise_cli.passes.stats.RunningTopK`),
 each image's maximum and mean activation, from which the top-p images follow.  Memory does not
-grow with the number of images beyond the top-k buffers; the maps live on disk.
+grow with the number of images beyond the top-k buffers; the maps and the per-image statistics
+live on disk and are streamed (:class:`LayerMaps`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,10 +26,10 @@ from ..models import TargetModel
 from ..runtime import resolve_precision
 from ..store import Store, stable_digest
 from .runner import Item, Publication, Shards, Sink, StoreOutput, run_pass, save_shard, share_done
-from .stats import QUANTILE, ImageRows, RunningTopK
+from .stats import QUANTILE, RunningTopK
 
 SHARD_IMAGES = 256
-TARGET_VERSION = 1
+TARGET_VERSION = 2  # 2: per-image statistics in images-NNNNN shards, not in stats.safetensors
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -106,24 +107,127 @@ class ImageFiles(Dataset):
         return Item(i, model_input(img, View(), self.size, self.mean, self.std)[None])
 
 
-@dataclass
-class LayerMaps:
-    """The result of a target pass, with lazy access to the cached feature maps."""
+IMAGE_BLOCK = 4096  # rows of per-image statistics read at a time when they are held in memory
 
-    root: Path
-    layer: str
-    threshold: torch.Tensor  # (d,)
-    img_max: torch.Tensor  # (N, d) over the images that decoded
-    img_mean: torch.Tensor  # (N, d)
-    rows: torch.Tensor  # (N,) index into the target set's images of each row
-    shape: tuple[int, int, int]  # (d, h, w)
-    hit: bool
-    seconds: float = 0.0
-    _starts: list[int] | None = field(default=None, repr=False)
+
+class LayerMaps:
+    """The result of a target pass, with lazy access to what it cached on disk.
+
+    On disk (a target entry): ``stats.safetensors`` (per filter the threshold ``T_u``, the maps'
+    shape) and, aligned shard for shard, ``maps-NNNNN`` (fp16 maps) and ``images-NNNNN`` (per
+    image its row's image number and each filter's maximum and mean).  Nothing that grows with the
+    number of images is read unless asked for: :meth:`image_blocks` streams the per-image
+    statistics (what :func:`lavise_cli.explain.top_images` needs), :meth:`max_at` reads a few of
+    them, :meth:`maps` the maps of a few rows; :attr:`img_max` / :attr:`img_mean` load the whole
+    ``(N, d)`` matrices for the analyses that need them (comparisons, relevance).
+
+    ``img_max``, ``img_mean`` and ``rows`` may also be given as tensors (a cache held in memory).
+    """
+
+    def __init__(self, root: Path, layer: str, threshold: torch.Tensor, shape: tuple[int, int, int], hit: bool,
+                 img_max: torch.Tensor | None = None, img_mean: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None, seconds: float = 0.0):
+        self.root, self.layer, self.threshold, self.shape, self.hit = Path(root), layer, threshold, shape, hit
+        self.seconds = seconds
+        self._max, self._mean, self._rows = img_max, img_mean, rows
+        self._starts: list[int] | None = None
+        self._top: dict[int, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"LayerMaps(root={str(self.root)!r}, layer={self.layer!r}, shape={self.shape}, hit={self.hit})"
+
+    def _image_shards(self) -> list[Path]:
+        return sorted(self.root.glob("images-*.safetensors"))
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """``(N,)`` the target set's image number of each row (8 bytes per image)."""
+        if self._rows is None:
+            parts = []
+            for path in self._image_shards():
+                with safe_open(str(path), framework="pt") as fh:
+                    parts.append(fh.get_tensor("rows"))
+            self._rows = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        return self._rows
 
     @property
     def n(self) -> int:
         return int(self.rows.shape[0])
+
+    def image_blocks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(first row, max (b, d), mean (b, d))`` blocks of the per-image statistics in row
+        order, read one shard at a time: memory does not grow with the number of images."""
+        if self._max is not None and self._mean is not None:
+            for a in range(0, self._max.shape[0], IMAGE_BLOCK):
+                yield a, self._max[a:a + IMAGE_BLOCK], self._mean[a:a + IMAGE_BLOCK]
+            return
+        a = 0
+        for path in self._image_shards():
+            with safe_open(str(path), framework="pt") as fh:
+                mx, mean = fh.get_tensor("max"), fh.get_tensor("mean")
+            yield a, mx, mean
+            a += mx.shape[0]
+
+    def _whole(self, which: str) -> torch.Tensor:
+        parts = [(mx if which == "max" else mean) for _a, mx, mean in self.image_blocks()]
+        return torch.cat(parts) if parts else torch.zeros(0, self.shape[0])
+
+    @property
+    def img_max(self) -> torch.Tensor:
+        """``(N, d)`` each image's maximum per filter (loaded whole on first use)."""
+        if self._max is None:
+            self._max = self._whole("max")
+        return self._max
+
+    @property
+    def img_mean(self) -> torch.Tensor:
+        """``(N, d)`` each image's mean per filter (loaded whole on first use)."""
+        if self._mean is None:
+            self._mean = self._whole("mean")
+        return self._mean
+
+    def max_at(self, rows: torch.Tensor | Sequence[int], filters: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """The maximum of ``filters[i]`` on row ``rows[i]`` (same-length sequences), reading only
+        the shards (and their rows' span) that hold them."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        filters = torch.as_tensor(filters, dtype=torch.long)
+        if self._max is not None:
+            return self._max[rows, filters]
+        out = torch.empty(len(rows))
+        starts = torch.tensor(self.shard_starts(), dtype=torch.long)
+        shard_of = torch.searchsorted(starts, rows, right=True) - 1
+        paths = self._image_shards()
+        for s in torch.unique(shard_of).tolist():
+            sel = torch.nonzero(shard_of == s).squeeze(1)
+            local = rows[sel] - int(starts[s])
+            lo, hi = int(local.min()), int(local.max()) + 1
+            with safe_open(str(paths[s]), framework="pt") as fh:
+                block = fh.get_slice("max")[lo:hi]
+            out[sel] = block[local - lo, filters[sel]]
+        return out
+
+    def top_rows(self, p: int) -> torch.Tensor:
+        """``(d, min(p, N))`` rows of the images with the largest maximum activation per filter.
+
+        Ties (common under saturation) are broken by the image's mean activation, then row order.
+        Computed in one stream over :meth:`image_blocks` keeping ``p`` candidates per filter (so
+        memory is ``d x (p + block)``, whatever ``N``); remembered per ``p``.
+        """
+        if p not in self._top:
+            d = self.shape[0]
+            rows, mx, mean = torch.zeros(d, 0, dtype=torch.long), torch.zeros(d, 0), torch.zeros(d, 0)
+            for a, bmax, bmean in self.image_blocks():
+                b = bmax.shape[0]
+                rows = torch.cat([rows, torch.arange(a, a + b).expand(d, b)], dim=1)
+                mx = torch.cat([mx, bmax.T.float()], dim=1)
+                mean = torch.cat([mean, bmean.T.float()], dim=1)
+                # lexicographic (max desc, mean desc, row asc): stable sorts, the last key first
+                order = torch.argsort(rows, dim=1, stable=True)
+                order = order.gather(1, torch.argsort(-mean.gather(1, order), dim=1, stable=True))
+                order = order.gather(1, torch.argsort(-mx.gather(1, order), dim=1, stable=True))[:, :p]
+                rows, mx, mean = rows.gather(1, order), mx.gather(1, order), mean.gather(1, order)
+            self._top[p] = rows.contiguous()
+        return self._top[p]
 
     def shard_starts(self) -> list[int]:
         """The first row of each ``maps-NNNNN`` shard (and the total last): shards hold
@@ -178,15 +282,18 @@ class MapShards(Sink):
 
 
 class TargetStats(Sink):
-    """Per filter, the exact 0.995-quantile threshold over every map value (a running top-k), and
-    per image, each filter's maximum and mean; kept in each piece's checkpoint state, merged over
-    the pieces (ranks, shares, earlier runs) into ``stats.safetensors`` when the pass publishes."""
+    """Per filter, the exact 0.995-quantile threshold over every map value (a running top-k, kept
+    in each piece's checkpoint state and merged over the pieces — ranks, shares, earlier runs —
+    into ``stats.safetensors`` when the pass publishes); per image, each filter's maximum and mean,
+    written beside the maps at each checkpoint (``images-NNNNN`` shards, aligned with
+    ``maps-NNNNN``), so that nothing held grows with the number of images but the top-k buffer
+    (0.5 % of the map values, what an exact quantile needs)."""
 
     def __init__(self, n_images: int, description: str = "the image set"):
         self.n_images, self.description = n_images, description
         self.topk: RunningTopK | None = None
-        self.images = ImageRows()
         self.shape: tuple[int, int, int] | None = None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def add(self, out: tuple[list[int], torch.Tensor]) -> None:
         rows, f = out
@@ -195,42 +302,45 @@ class TargetStats(Sink):
             self.topk = RunningTopK(self.shape[0], RunningTopK.k_for(self.n_images * self.shape[1] * self.shape[2]))
         assert self.topk is not None
         self.topk.update(f.flatten(2).permute(1, 0, 2).reshape(self.shape[0], -1))
-        self.images.update(rows, f)
+        flat = f.detach().float().flatten(2)
+        self.pending.append((torch.as_tensor(rows, dtype=torch.long).cpu(), flat.amax(2).cpu(), flat.mean(2).cpu()))
+
+    def flush(self, folder: Path, shards: Shards, final: bool) -> None:
+        if self.pending:
+            rows, mx, mean = (torch.cat(parts) for parts in zip(*self.pending))
+            save_shard({"rows": rows, "max": mx, "mean": mean}, folder / shards.name("images"))
+        self.pending = []
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.topk is None or self.shape is None:
             return {}
-        return {**{f"topk.{k}": v for k, v in self.topk.state_dict().items()},
-                **{f"images.{k}": v for k, v in self.images.state_dict().items()}, "shape": torch.tensor(self.shape)}
+        return {**{f"topk.{k}": v for k, v in self.topk.state_dict().items()}, "shape": torch.tensor(self.shape)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.topk, self.images, self.shape = None, ImageRows(), None
+        self.topk, self.shape, self.pending = None, None, []
         if not state:
             return
         self.shape = tuple(int(x) for x in state["shape"].tolist())  # type: ignore[assignment]
         self.topk = RunningTopK(self.shape[0], 1)  # type: ignore[index]
         self.topk.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("topk.")})
-        self.images.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("images.")})
 
     def publish(self, folder: Path, parts: list[dict[str, torch.Tensor]]) -> None:
         merged = TargetStats(self.n_images, self.description)
         for part in parts:
             if not part:
                 continue
-            one = TargetStats(self.n_images, self.description)
-            one.load_state_dict(part)
             if merged.topk is None:
                 merged.load_state_dict(part)
             else:
+                one = TargetStats(self.n_images, self.description)
+                one.load_state_dict(part)
                 assert one.topk is not None
                 merged.topk.merge(one.topk)
-                merged.images.merge(one.images)
         if merged.topk is None or merged.shape is None:
             raise DataError(f"no image of {self.description} could be decoded")
-        self.topk, self.images, self.shape = merged.topk, merged.images, merged.shape
-        save_file({"threshold": merged.topk.quantile(QUANTILE).contiguous(), "img_max": merged.images.max.contiguous(),
-                   "img_mean": merged.images.mean.contiguous(), "rows": merged.images.rows,
-                   "shape": torch.tensor(merged.shape)}, str(folder / "stats.safetensors"))
+        self.topk, self.shape = merged.topk, merged.shape
+        save_file({"threshold": merged.topk.quantile(QUANTILE).contiguous(), "shape": torch.tensor(merged.shape)},
+                  str(folder / "stats.safetensors"))
 
 
 def target_pass(
@@ -279,8 +389,8 @@ def target_pass(
 def _load_target(store: Store, key: str, layer: str, hit: bool) -> LayerMaps:
     root = store.path("targets", key)
     s = load_file(str(root / "stats.safetensors"))
-    return LayerMaps(root=root, layer=layer, threshold=s["threshold"], img_max=s["img_max"], img_mean=s["img_mean"],
-                     rows=s["rows"], shape=tuple(int(x) for x in s["shape"].tolist()), hit=hit)  # type: ignore[arg-type]
+    return LayerMaps(root=root, layer=layer, threshold=s["threshold"], shape=tuple(int(x) for x in s["shape"].tolist()),  # type: ignore[arg-type]
+                     hit=hit)
 
 
 # The older names (kept for callers written before the rename).
