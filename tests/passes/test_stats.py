@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lavise_cli.passes.stats import QUANTILE, FilterMoments, ImageRows, RunningTopK
+from lavise_cli.passes.stats import QUANTILE, FilterMoments, RunningTopK
 
 UNEVEN = (1, 7, 300, 13, 2, 64, 5)
 
@@ -190,31 +190,14 @@ def test_filter_moments_merge_of_two_halves_equals_one_pass() -> None:
         FilterMoments(3).update(torch.zeros(4, 2))
 
 
-def test_image_rows_merge_in_image_order_equals_one_pass() -> None:
-    g = torch.Generator().manual_seed(1)
-    maps = torch.randn(10, 4, 3, 3, generator=g)
-    whole, a, b = ImageRows(), ImageRows(), ImageRows()
-    whole.update(range(0, 6), maps[:6])
-    whole.update(range(6, 10), maps[6:])
-    a.update(range(0, 3), maps[:3])
-    b.update(range(3, 10), maps[3:])
-    merged = a.merge(b)
-    assert len(merged) == 10 and merged.rows.tolist() == list(range(10))
-    assert torch.equal(merged.max, whole.max) and torch.equal(merged.mean, whole.mean)
-    assert torch.equal(merged.max, maps.flatten(2).amax(2))
-    assert torch.equal(merged.mean, maps.flatten(2).mean(2))
-
-
 def test_state_dict_round_trips(tmp_path: Path) -> None:
     x = _data(9, "continuous", 900)
-    topk, moments, rows = RunningTopK(6, RunningTopK.k_for(900)), FilterMoments(6), ImageRows()
+    topk, moments = RunningTopK(6, RunningTopK.k_for(900)), FilterMoments(6)
     topk.update(x[:, :500])
     moments.update(x[:, :500])
-    rows.update([0, 1], x[:, :500].reshape(6, 2, 250).permute(1, 0, 2)[..., None])
-    t2, m2, r2 = RunningTopK(1, 1), FilterMoments(1), ImageRows()
+    t2, m2 = RunningTopK(1, 1), FilterMoments(1)
     t2.load_state_dict(_roundtrip(topk.state_dict(), tmp_path / "t.safetensors"))
     m2.load_state_dict(_roundtrip(moments.state_dict(), tmp_path / "m.safetensors"))
-    r2.load_state_dict(_roundtrip(rows.state_dict(), tmp_path / "r.safetensors"))
     for s in (topk, t2):
         s.update(x[:, 500:])
     for s in (moments, m2):
@@ -223,7 +206,3 @@ def test_state_dict_round_trips(tmp_path: Path) -> None:
     assert torch.equal(t2.quantile(), topk.quantile())
     assert_exact_quantile(t2.quantile(), x)
     assert m2.count == moments.count and torch.equal(m2.sum, moments.sum) and torch.equal(m2.max, moments.max)
-    assert torch.equal(r2.rows, rows.rows) and torch.equal(r2.max, rows.max) and torch.equal(r2.mean, rows.mean)
-    empty = ImageRows()
-    empty.load_state_dict(ImageRows().state_dict())
-    assert len(empty) == 0

@@ -5,8 +5,9 @@ stream, e.g. another rank's images) and ``state_dict``/``load_state_dict`` (tens
 checkpoint can save them as safetensors).
 
 - :class:`RunningTopK`: the ``k`` largest values per filter, for an exact upper quantile;
-- :class:`FilterMoments`: per filter, the count, float64 sum (so the mean) and maximum;
-- :class:`ImageRows`: per image, each filter's maximum and mean, by image number.
+- :class:`FilterMoments`: per filter, the count, float64 sum (so the mean) and maximum.
+
+(Per-image statistics are not held: the target pass writes them as shards beside its maps.)
 """
 
 from __future__ import annotations
@@ -122,53 +123,3 @@ class FilterMoments:
     def load_state_dict(self, s: dict[str, torch.Tensor]) -> None:
         self.count, self.sum, self.max = int(s["count"]), s["sum"], s["max"]
         self.d = int(self.sum.shape[0])
-
-
-class ImageRows:
-    """Per image: its number and each filter's maximum and mean over the image's map.
-
-    ``update(images, maps)`` with ``maps`` (B, d, h, w); rows keep the order of the updates, and
-    a merge appends the other part's rows, so merged parts in image order equal one pass.
-    """
-
-    def __init__(self) -> None:
-        self._rows: list[torch.Tensor] = []
-        self._max: list[torch.Tensor] = []
-        self._mean: list[torch.Tensor] = []
-
-    def update(self, images: torch.Tensor | list[int], maps: torch.Tensor) -> None:
-        flat = maps.detach().float().flatten(2)
-        self._rows.append(torch.as_tensor(images, dtype=torch.long).cpu())
-        self._max.append(flat.amax(2).cpu())
-        self._mean.append(flat.mean(2).cpu())
-
-    def merge(self, other: "ImageRows") -> "ImageRows":
-        self._rows += other._rows
-        self._max += other._max
-        self._mean += other._mean
-        return self
-
-    @staticmethod
-    def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
-
-    @property
-    def rows(self) -> torch.Tensor:
-        return self._cat(self._rows, torch.long)
-
-    @property
-    def max(self) -> torch.Tensor:
-        return self._cat(self._max, torch.float32)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self._cat(self._mean, torch.float32)
-
-    def __len__(self) -> int:
-        return sum(len(r) for r in self._rows)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"rows": self.rows, "max": self.max, "mean": self.mean} if self._rows else {}
-
-    def load_state_dict(self, s: dict[str, torch.Tensor]) -> None:
-        self._rows, self._max, self._mean = ([s["rows"]], [s["max"]], [s["mean"]]) if s else ([], [], [])
