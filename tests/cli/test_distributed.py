@@ -55,12 +55,16 @@ def build():
 '''
 
 
+# --precision fp32 everywhere: the in-process runs resolve `auto` to fp32 (conftest fakes a CPU
+# without native bf16), the torchrun processes would resolve it from the real CPU (bf16 on an
+# AVX512-BF16/AMX machine): another cache key, and not the same numbers.
 def train_args(model: Path) -> tuple[str, ...]:
-    return ("train", f"{model}:build", "gen", "--weights", "none", "--epochs", "4", "--workers", "0")
+    return ("train", f"{model}:build", "gen", "--weights", "none", "--epochs", "4", "--workers", "0",
+            "--precision", "fp32")
 
 
-EXPLAIN = ("explain", "--all", "--images", "5")
-EVALUATE = ("evaluate", "--recall", "1,3,5", "--images", "5")
+EXPLAIN = ("explain", "--all", "--images", "5", "--precision", "fp32")
+EVALUATE = ("evaluate", "--recall", "1,3,5", "--images", "5", "--precision", "fp32")
 
 
 def torchrun(home: Path, *args: str, log: Path, wait: bool = True) -> Any:
