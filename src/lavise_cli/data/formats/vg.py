@@ -201,7 +201,7 @@ class _Objects:
         self.rows = np.array(e_rows, dtype=np.int64)
         self.offset = np.concatenate([[0], np.cumsum(self.rows[:-1]) * _ROW]).astype(np.int64) \
             if len(self.rows) else np.zeros(0, np.int64)
-        self.syn = np.array(e_syn, dtype=np.int64)
+        self.syn = np.array(e_syn, dtype=np.int32)
         self.nsyn = np.array(e_nsyn, dtype=np.int64)
 
     def boxes(self, entries: np.ndarray) -> np.ndarray:
@@ -277,6 +277,20 @@ class _ImageData:
         return None if f < 0 else (self.folders[f], f"{iid}.jpg")
 
 
+def _train_images(entry_rank: np.ndarray, has_boxes: np.ndarray, nsyn: np.ndarray, syn: np.ndarray,
+                  train_rank: np.ndarray, n: int, n_syn: int) -> np.ndarray:
+    """Per synset, the number of training images that have it.  An entry's synsets are distinct;
+    only an image listed by several entries (rare) needs its (image, synset) pairs made unique."""
+    rank = np.repeat(entry_rank.astype(np.int32 if n < 2**31 else np.int64), nsyn)  # each entry synset's image
+    several = np.bincount(entry_rank[has_boxes], minlength=n) > 1
+    train, shared = train_rank[rank], several[rank]
+    counts = np.bincount(syn[train & ~shared], minlength=n_syn)
+    if (train & shared).any():
+        pairs = np.unique(rank[train & shared].astype(np.int64) * max(n_syn, 1) + syn[train & shared])
+        counts += np.bincount(pairs % max(n_syn, 1), minlength=n_syn)
+    return counts
+
+
 def build_vg(settings: dict[str, Any], options: dict[str, Any], workers: int, progress: Any) -> Built:
     """Visual Genome, streamed: ``objects.json`` and ``image_data.json`` are read element by element
     (:func:`..jsonstream.stream_list`), each object's box spilled to a temporary file, so what is
@@ -340,10 +354,8 @@ def build_vg(settings: dict[str, Any], options: dict[str, Any], workers: int, pr
         train_rank[kept_r[~val]] = True
         n_syn = len(objs.synsets)
         entry_rank = np.searchsorted(ids, objs.image)  # right for every entry that has a box
-        pairs = np.unique(np.repeat(entry_rank, objs.nsyn) * max(n_syn, 1) + objs.syn)  # distinct (image, synset)
-        pair_img, pair_syn = np.divmod(pairs, max(n_syn, 1))
-        train_images = np.bincount(pair_syn[train_rank[pair_img]], minlength=n_syn)
-        del pairs, pair_img, pair_syn
+        has_boxes = np.flatnonzero(objs.rows > 0)
+        train_images = _train_images(entry_rank, has_boxes, objs.nsyn, objs.syn, train_rank, n, n_syn)
         synsets = sorted(s for k, s in enumerate(objs.synsets) if train_images[k] >= max(1, min_images))
         dropped_concepts = int((train_images > 0).sum()) - len(synsets)
         cat_of = {s: k for k, s in enumerate(synsets)}
@@ -353,7 +365,6 @@ def build_vg(settings: dict[str, Any], options: dict[str, Any], workers: int, pr
         for s, k in cat_of.items():
             cat_of_syn[syn_num[s]] = k
         del syn_num
-        has_boxes = np.flatnonzero(objs.rows > 0)
         by_image = has_boxes[np.argsort(entry_rank[has_boxes], kind="stable")]  # entries, by image then file order
         by_image_rank = entry_rank[by_image]
     except BaseException:
