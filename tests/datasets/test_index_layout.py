@@ -119,3 +119,25 @@ def test_streamed_json_equals_json_load(tmp_path: Path, monkeypatch: pytest.Monk
     p.write_text(json.dumps(doc)[:-20])
     with pytest.raises(DataError, match="not valid JSON"):
         jsonstream.stream_arrays(p, {})
+
+
+def test_streamed_json_list_equals_json_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A top-level array (Visual Genome's files), one element at a time, cut across reads."""
+    doc = [{"image_id": i, "objects": [{"x": i, "names": ["a],\"b"]}] * (i % 4)} for i in range(40)]
+    doc += [12345678901234, [1, [2, {}]], "ü\"[", None, -0.5]
+    p = tmp_path / "l.json"
+    p.write_text(json.dumps(doc, indent=1))
+    monkeypatch.setattr(jsonstream, "READ", 7)
+    got: list[Any] = []
+    assert jsonstream.stream_list(p, got.append) == len(doc) and got == doc
+    assert jsonstream.stream_list(p) == len(doc)  # only counted
+    p.write_text(" [ ] ")
+    assert jsonstream.stream_list(p, got.append) == 0
+    p.write_text(json.dumps({"images": []}))
+    with pytest.raises(jsonstream.NotAList):
+        jsonstream.stream_list(p)
+    for damaged in (json.dumps(doc)[:-9], json.dumps(doc) + " []", "[1 2]", "", "\xff"):
+        p.write_text(damaged, encoding="latin-1")
+        with pytest.raises(DataError, match="not valid JSON.*damaged") as e:
+            jsonstream.stream_list(p)
+        assert not isinstance(e.value, jsonstream.NotAList)

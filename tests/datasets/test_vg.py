@@ -168,3 +168,95 @@ def test_vg_sample_counts_equal_an_independent_count(shared_data: Path, tmp_path
     assert {im["id"] for im in ix.splits["val"].images} == {i for i in val_ids if pairs[i] & train_concepts}
     # Collisions stay apart: light.n.01 and light.n.02 are both concepts of the sample.
     assert "light (light.n.02)" in ix.concepts and "light (light.n.01)" in ix.concepts
+
+
+def test_vg_streamed_build_in_chunks_equals_an_independent_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several hundred images, in chunks of 80 through the worker pool: images, concepts, split,
+    every mask and the dropped counts equal what the annotations say, worked out here directly."""
+    import random
+
+    from lavise_cli.data.formats import vg
+
+    rng = random.Random(5)
+    sizes = [(20, 12), (12, 20), (16, 16)]
+    syns = ["tree.n.01", "man.n.01", "car.n.01", "sign.n.02", "window.n.01", "light.n.01", "light.n.02",
+            "river.n.01", "bank.n.01"]
+    root = tmp_path / "vg"
+    (root / "VG_100K").mkdir(parents=True)
+    for w, h in sizes:  # a few images; every VG image is a link to the one of its size
+        Image.new("RGB", (w, h), (w * 9, h * 9, 60)).save(root / f"{w}x{h}.jpg", quality=80)
+    ids = rng.sample(range(1, 5000), 330)  # in no order
+    objects, meta, size_of = [], [], {}
+    for iid in ids:
+        w, h = size_of[iid] = rng.choice(sizes)
+        (root / "VG_100K" / f"{iid}.jpg").symlink_to(root / f"{w}x{h}.jpg")
+        meta.append({"image_id": iid, "width": w, "height": h, "url": f"https://x/VG_100K/{iid}.jpg"})
+        objs = []
+        for _ in range(rng.randint(0, 6)):
+            # boxes partly or wholly outside the image too (an empty mask when wholly)
+            objs.append(_obj(rng.randint(-6, w + 2), rng.randint(-6, h + 2), rng.randint(0, w), rng.randint(0, h),
+                             [rng.choice(syns[:-1])]))
+        if iid in ids[:3]:  # a rare synset, the only object of one image: both left out
+            objs = objs[:2 if iid != ids[2] else 0] + [_obj(1, 1, 4, 4, [syns[-1]])]
+        objects.append({"image_id": iid, "objects": objs})
+    (root / "objects.json").write_text(json.dumps(objects))
+    (root / "image_data.json").write_text(json.dumps(meta))
+    store = _store(tmp_path)
+    register_vg(store, root, "vg")
+    monkeypatch.setattr(vg, "CHUNK", 80)  # >= 64 jobs a chunk: the pool's workers draw them
+    s = preprocess(store, "vg", workers=2, min_images=4, val_fraction=0.25, seed=2)
+
+    # The same, directly: per image and synset the union of its boxes clipped to the image.
+    boxes: dict[int, dict[str, list[tuple[int, ...]]]] = {}
+    for e in objects:
+        for o in e["objects"]:
+            boxes.setdefault(e["image_id"], defaultdict(list))[o["synsets"][0]].append((o["x"], o["y"], o["w"], o["h"]))
+    with_objects = sorted(i for i in boxes if boxes[i])
+    val_ids = {with_objects[k] for k in held_out_images(len(with_objects), 0.25, 2)}
+    in_train = defaultdict(int)
+    for i in with_objects:
+        if i not in val_ids:
+            for syn in boxes[i]:
+                in_train[syn] += 1
+    kept_syns = sorted(syn for syn, n in in_train.items() if n >= 4)
+    labels = concept_labels(kept_syns)
+    expected: dict[str, dict[int, dict[str, np.ndarray]]] = {"train": {}, "val": {}}
+    empty = {"train": 0, "val": 0}
+    gone = 0
+    for i in with_objects:
+        w, h = size_of[i]
+        masks = {}
+        for syn in kept_syns:
+            if syn in boxes[i]:
+                m = np.zeros((h, w), np.uint8)
+                for x, y, bw, bh in boxes[i][syn]:
+                    m[max(0, y):max(0, y + bh), max(0, x):max(0, x + bw)] = 1
+                if m.any():
+                    masks[labels[syn]] = m
+                else:
+                    empty["val" if i in val_ids else "train"] += 1
+        if masks:
+            expected["val" if i in val_ids else "train"][i] = masks
+
+    ix = load_index(store, "vg")
+    assert sorted(ix.concepts) == sorted(labels.values()) and s["concepts_below_min_images"] == len(in_train) - len(kept_syns)
+    assert len(kept_syns) == 8 and s["concepts_below_min_images"] == 1  # the rare synset is left out
+    for split in ("train", "val"):
+        sp = ix.splits[split]
+        assert [im["id"] for im in sp.images] == sorted(expected[split])  # by image id, across chunks
+        assert s["image_split"][split] == s["splits"][split]["images"] == len(expected[split])
+        assert s["splits"][split]["pairs"] == sum(len(m) for m in expected[split].values())
+        dropped = s["splits"][split]["dropped"]
+        assert dropped.get("empty masks", 0) == empty[split] and empty["train"] > 0
+        n_with = sum(1 for i in with_objects if (i in val_ids) == (split == "val"))
+        assert dropped.get("images with no remaining object", 0) == n_with - len(expected[split])
+        gone += n_with - len(expected[split])
+        for k, im in enumerate(sp.images):
+            concepts, masks = sp.masks(k)
+            assert sp.image_path(k) == root / "VG_100K" / f"{im['id']}.jpg"
+            got = {ix.concepts[c]: m.numpy() for c, m in zip(concepts.tolist(), masks)}
+            assert got.keys() == expected[split][im["id"]].keys()
+            for lab, m in got.items():
+                assert np.array_equal(m, expected[split][im["id"]][lab]), (im["id"], lab)
+    assert gone >= 1  # the image with only the rare synset, at least
+    assert s["splits"]["train"]["dropped"]["images with no object that has a synset"] == len(ids) - len(with_objects)

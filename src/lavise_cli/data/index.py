@@ -351,6 +351,7 @@ def preprocess(
                 "pairs_unmapped": sum(v for c, v in used.items() if not mapped[c]),
                 "dropped": dropped,
             }
+        summary.update(built_all.info)  # a streamed format may complete it as its chunks are written
         if "train" not in built and built:
             source = "val" if "val" in built else next(iter(built))
             n = summary["splits"][source]["images"]

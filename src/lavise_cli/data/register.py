@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,20 +30,6 @@ def split_names(split: str) -> list[str]:
     if split not in SPLITS:
         raise LaviseError(f"unknown split {split!r}; use train, val or all")
     return [split]
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        with open(path, "rb") as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path} is not valid JSON ({e.msg} at line {e.lineno}); the file is damaged: get it again"
-        ) from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not valid JSON (not UTF-8 text); the file is damaged: get it again") from None
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _check_coco_json(path: Path, required: Sequence[str], panoptic: bool = False) -> int:
@@ -185,8 +170,12 @@ def register_vg(store: Store, root: Path, name: str = "vg", *, extra: dict[str, 
         if (root / fname).is_file():
             block[key] = str(root / fname)
     if "image_data" in block:
-        meta = _load_json(root / "image_data.json")
-        block["num_images"] = len(meta) if isinstance(meta, list) else 0
+        from .jsonstream import NotAList, stream_list
+
+        try:  # counted element by element: the file is never held whole
+            block["num_images"] = stream_list(root / "image_data.json")
+        except NotAList:
+            block["num_images"] = 0
     else:
         block["num_images"] = sum(1 for d in dirs for e in os.scandir(d) if e.is_file())
     inputs = {"train.annotations": FileDigests(store)(objects)}

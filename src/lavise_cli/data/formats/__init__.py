@@ -30,7 +30,8 @@ class Built:
     counts; ``file`` is relative to that split's image folder).  ``categories``: category id ->
     name.  ``image_dirs``: split -> folder, when the format decides it (else the dataset's own).
     ``labels_final``: names are already concept labels (no ``clean_label``).  ``info``: recorded
-    in the index and the summary (e.g. how the format split the images).
+    in the index and the summary (e.g. how the format split the images); read after the splits are
+    written, so a streamed format may complete it as its chunks go (VG's kept images per split).
 
     A split may also be *streamed* (large datasets): ``{"chunks": iterable, "dropped": Counter,
     "dropped_images": list}``, where each chunk is a dict like the above for a block of images

@@ -14,19 +14,7 @@ from typing import Any
 
 from pycocotools import mask as mask_utils
 
-from ...errors import DataError
-from ..validate import check_coco
 from . import Built, Candidate
-
-
-def read_annotations(ann_file: Path, what: str = "annotations", panoptic: bool = False) -> dict[str, Any]:
-    """The checked JSON document of a COCO-format annotation file; a clear error when unreadable."""
-    try:
-        doc = json.loads(ann_file.read_text())
-    except (OSError, UnicodeError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read {what} {ann_file}: {e}") from None
-    check_coco(doc, ann_file, panoptic=panoptic)
-    return doc
 
 
 def merge_split_categories(settings: dict[str, Any], build_split: Any) -> Built:

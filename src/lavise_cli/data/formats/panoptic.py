@@ -3,6 +3,8 @@ PNG, segment id = R + 256 G + 256^2 B) united into one mask."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -10,9 +12,9 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..pool import pool_map
-from . import Built, Candidate, accept_images
-from .coco import merge_split_categories, read_annotations
+from ...errors import DataError
+from . import Built, Candidate, add_image, judge_image
+from .coco import merge_split_categories
 
 
 def build_panoptic(settings: dict[str, Any], options: dict[str, Any], workers: int, progress: Any) -> Built:
@@ -47,47 +49,144 @@ def panoptic_masks(png: str, segments: list[tuple[int, int]]) -> tuple[str, list
     return "ok", out, h, w
 
 
+def panoptic_image(png: str, segments: list[tuple[int, int]], image: str
+                   ) -> tuple[tuple[str, list[tuple[int, str]], int, int], tuple[str, str | None, int, int]]:
+    """In a worker process: :func:`panoptic_masks` of the PNG, and the probe of the image."""
+    from ..pool import probe
+
+    return panoptic_masks(png, segments), probe(image)
+
+
+CHUNK = 256  # annotations (one image each) per chunk: read in the worker pool, then written to the index
+
+
 def build_panoptic_split(
     ann_file: Path, image_dir: Path, mask_dir: Path, workers: int, progress: Any
 ) -> tuple[dict[str, Any], dict[int, str]]:
-    """One split of a COCO panoptic file -> (split dict keyed by category id, category names)."""
-    d = read_annotations(ann_file, "panoptic annotations", panoptic=True)
-    cats = {int(c["id"]): str(c["name"]) for c in d.get("categories", [])}
-    imgs = {int(i["id"]): i for i in d.get("images", [])}
+    """One split of a COCO panoptic file -> (streamed split, category names).
+
+    The file is read element by element (:func:`..validate.stream_coco`): categories are kept,
+    images and annotations as columns of numbers (file names in a temporary file, each
+    annotation's segments as (id, category) columns); then the annotations, by image id, go in
+    chunks of :data:`CHUNK` through the worker pool (PNG read, image probed) and are written to
+    the index as they come.
+    """
+    from array import array
+
+    from ..pool import WorkerPool
+    from ..validate import stream_coco
+
+    cats: dict[int, str] = {}
+    ids, heights, widths, i_name = array("q"), array("q"), array("q"), array("q")
+    a_img, a_name, a_nseg, s_id, s_cat = array("q"), array("q"), array("q"), array("q"), array("q")
+    names = tempfile.TemporaryFile(prefix="lavise-panoptic-")
+    offsets = array("q", [0])  # file names: name k is names[offsets[k]:offsets[k + 1]]
+
+    def name(text: str) -> int:
+        data = text.encode("utf-8", "surrogatepass")
+        names.write(data)
+        offsets.append(offsets[-1] + len(data))
+        return len(offsets) - 2
+
+    def on_category(c: dict[str, Any]) -> None:
+        cats[int(c["id"])] = str(c["name"])
+
+    def on_image(im: dict[str, Any]) -> None:
+        ids.append(im["id"])
+        heights.append(im["height"])
+        widths.append(im["width"])
+        i_name.append(name(im["file_name"]))
+
+    def on_annotation(ann: dict[str, Any]) -> None:
+        a_img.append(ann["image_id"])
+        segs = ann["segments_info"]
+        for seg in segs:
+            s_id.append(seg["id"])
+            s_cat.append(seg["category_id"])
+        a_nseg.append(len(segs))
+        a_name.append(name(ann["file_name"]))
+
+    try:
+        stream_coco(ann_file, on_category, on_image, on_annotation, panoptic=True)
+        names.flush()
+    except OverflowError:
+        names.close()
+        raise DataError(f"{ann_file} is not a well-formed COCO panoptic file: an id or a size does not fit "
+                        f"in 64 bits; fix the file") from None
+    except BaseException:
+        names.close()
+        raise
+
+    def col(a: Any) -> np.ndarray:
+        return np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64)
+
+    def text(k: int) -> str:
+        return os.pread(names.fileno(), offsets[k + 1] - offsets[k], offsets[k]).decode("utf-8", "surrogatepass")
+
+    id_arr = col(ids)
+    img_order = np.argsort(id_arr, kind="stable")
+    sorted_ids = id_arr[img_order]
+    last = np.ones(len(sorted_ids), dtype=bool)  # a repeated image id: the last entry wins
+    last[:-1] = sorted_ids[1:] != sorted_ids[:-1]
+    img_order, sorted_ids = img_order[last], sorted_ids[last]
+    ann_img = col(a_img)
+    ann_order = np.argsort(ann_img, kind="stable")  # by image id, then file order
+    rank = np.clip(np.searchsorted(sorted_ids, ann_img), 0, max(len(sorted_ids) - 1, 0))
+    known = (sorted_ids[rank] == ann_img) if len(sorted_ids) else np.zeros(len(ann_img), bool)
+    nseg = col(a_nseg)
+    seg_start = np.concatenate([[0], np.cumsum(nseg)]).astype(np.int64)
+    seg_id, seg_cat = col(s_id), col(s_cat)
+    seg_known = np.isin(seg_cat, np.fromiter(cats, dtype=np.int64, count=len(cats)))
+    unknown_segs = np.bincount(np.repeat(np.arange(len(nseg)), nseg)[~seg_known], minlength=len(nseg))
+    # The counts before any image is read, in the order the annotations first give them.
+    first: list[tuple[int, str, int]] = []
+    k_sorted = known[ann_order]
+    if (~k_sorted).any():
+        first.append((int(np.argmax(~k_sorted)), "annotations with unknown image", int((~k_sorted).sum())))
+    bad = k_sorted & (unknown_segs[ann_order] > 0)
+    if bad.any():
+        first.append((int(np.argmax(bad)), "segments with unknown category", int(unknown_segs[ann_order][k_sorted].sum())))
+    jobs_order = ann_order[k_sorted]  # the annotations read, in order: one image record each
+
     dropped: Counter[str] = Counter()
-    jobs, order = [], []
-    for ann in sorted(d.get("annotations", []), key=lambda a: a.get("image_id", -1)):
-        iid = ann.get("image_id")
-        if iid not in imgs:
-            dropped["annotations with unknown image"] += 1
-            continue
-        segs = []
-        for s in ann.get("segments_info", []):
-            if s.get("category_id") not in cats:
-                dropped["segments with unknown category"] += 1
-                continue
-            segs.append((int(s["id"]), int(s["category_id"])))
-        jobs.append((str(mask_dir / ann["file_name"]), segs))
-        order.append(iid)
-    masks = pool_map(panoptic_masks, jobs, workers, progress, f"reading {ann_file.stem} masks")
     gone: list[tuple[str, str]] = []  # (image file, reason) of every dropped image, for dropped.txt
-    candidates = [Candidate(str(image_dir / imgs[iid]["file_name"]), (imgs[iid]["height"], imgs[iid]["width"]),
-                            problem=None if mstatus == "ok" else mstatus, mask_size=(mh, mw))
-                  for iid, (mstatus, _, mh, mw) in zip(order, masks)]
-    sizes = accept_images(candidates, workers, progress, f"checking {ann_file.stem} images", dropped, gone)
-    images, pi, pc, rles = [], [], [], []
-    for iid, (_, cat_rles, _, _), size in zip(order, masks, sizes):
-        if size is None:
-            continue
-        h, w = size
-        k = len(images)
-        images.append({"id": iid, "file": imgs[iid]["file_name"], "height": h, "width": w})
-        for cat, counts in cat_rles:
-            if not counts:
-                dropped["empty masks"] += 1
-                continue
-            pi.append(k)
-            pc.append(cat)
-            rles.append(counts)
-    return {"images": images, "pair_image": pi, "pair_cat": pc, "rle": rles, "dropped": dict(dropped),
-            "dropped_images": gone}, cats
+
+    def chunks() -> Any:
+        image_dropped: Counter[str] = Counter()
+        empty = 0
+        task = progress.add_task(f"reading {ann_file.stem} masks and images", total=len(jobs_order), unit="img") \
+            if progress is not None else None
+        try:
+            with WorkerPool(workers) as pool:
+                for start in range(0, len(jobs_order), CHUNK):
+                    part = jobs_order[start:start + CHUNK].tolist()
+                    jobs, recs = [], []
+                    for k in part:
+                        j = int(img_order[rank[k]])
+                        a, b = int(seg_start[k]), int(seg_start[k + 1])
+                        keep = seg_known[a:b]
+                        segs = list(zip(seg_id[a:b][keep].tolist(), seg_cat[a:b][keep].tolist()))
+                        image_file = text(int(i_name[j]))
+                        jobs.append((str(mask_dir / text(int(a_name[k]))), segs, str(image_dir / image_file)))
+                        recs.append((int(ann_img[k]), image_file, int(heights[j]), int(widths[j])))
+                    results = pool.map(panoptic_image, jobs, progress, task)
+                    chunk: dict[str, Any] = {"images": [], "pair_image": [], "pair_cat": [], "rle": []}
+                    for (iid, image_file, h, w), job, ((mstatus, cat_rles, mh, mw), probed) in zip(recs, jobs, results):
+                        c = Candidate(job[2], (h, w), problem=None if mstatus == "ok" else mstatus, mask_size=(mh, mw))
+                        size = judge_image(c, probed, image_dropped, gone)
+                        if size is None:
+                            continue
+                        pairs = [(cat, counts) for cat, counts in cat_rles if counts]
+                        empty += len(cat_rles) - len(pairs)
+                        add_image(chunk, {"id": iid, "file": image_file, "height": size[0], "width": size[1]}, pairs)
+                    yield chunk
+        finally:
+            names.close()
+        # the counts in the order the whole-file reading gave them
+        for _, key, v in sorted(first):
+            dropped[key] = v
+        dropped.update(image_dropped)
+        if empty:
+            dropped["empty masks"] = empty
+
+    return {"chunks": chunks(), "dropped": dropped, "dropped_images": gone}, cats
