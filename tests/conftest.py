@@ -81,7 +81,9 @@ class FixtureServer(ThreadingHTTPServer):
     """Serves ``files`` (path -> bytes) on an ephemeral 127.0.0.1 port and records each request.
 
     ``honour_ranges = False`` answers every request with the whole file (HTTP 200);
-    ``cut_after[path] = n`` sends only ``n`` bytes of the body once, then drops the connection.
+    ``cut_after[path] = n`` sends only ``n`` bytes of the body once, then drops the connection;
+    ``chunk_delay = s`` (seconds) sends bodies in 64 KB pieces, ``s`` apart: a slow server, for a
+    download to be killed midway (tests/cli/test_interrupt.py).
     """
 
     daemon_threads = True
@@ -92,6 +94,7 @@ class FixtureServer(ThreadingHTTPServer):
         self.requests: list[dict[str, Any]] = []
         self.cut_after: dict[str, int] = {}  # path -> bytes sent before the connection is dropped (once)
         self.honour_ranges = True
+        self.chunk_delay = 0.0
 
     @property
     def base(self) -> str:
@@ -143,6 +146,16 @@ class _FixtureHandler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if srv.chunk_delay > 0:
+            step = 1 << 16
+            try:
+                for i in range(0, len(body), step):
+                    self.wfile.write(body[i:i + step])
+                    self.wfile.flush()
+                    time.sleep(srv.chunk_delay)
+            except (BrokenPipeError, ConnectionResetError):  # the client was killed midway
+                pass
             return
         self.wfile.write(body)
 

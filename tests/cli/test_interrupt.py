@@ -16,10 +16,8 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from safetensors.torch import load_file
 
 from lavise_cli.store import Store, writer_tag
 
-from conftest import SMALL_GLOVE_WORDS, Cli, write_glove
+from conftest import SMALL_GLOVE_WORDS, Cli, FixtureServer, write_glove
 
 TRAIN = ("train", "resnet18", "gen", "--weights", "none", "--input-size", "64", "--epochs", "3", "--workers", "0")
 EXPLAIN = ("explain", "--filters", "0-7", "--images", "5")
@@ -146,68 +144,6 @@ def gen_coco(make_coco: Any) -> Path:
     return root
 
 
-class SlowServer(ThreadingHTTPServer):
-    """Serves files from 127.0.0.1, honouring ``Range``; ``slow`` sends 64 KB every 50 ms."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _SlowHandler)
-        self.files: dict[str, bytes] = {}
-        self.ranges: list[str] = []
-        self.slow = True
-
-    def url(self, name: str, data: bytes) -> str:
-        self.files["/" + name] = data
-        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
-
-
-class _SlowHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: SlowServer
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        data = self.server.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
-        start = int(m.group(1)) if m else 0
-        if m:
-            self.server.ranges.append(self.headers["Range"])
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        step = 1 << 16 if self.server.slow else max(len(body), 1)
-        try:
-            for i in range(0, len(body), step):
-                self.wfile.write(body[i:i + step])
-                self.wfile.flush()
-                if self.server.slow:
-                    time.sleep(0.05)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-
-@pytest.fixture
-def slow_server() -> Iterator[SlowServer]:
-    srv = SlowServer()
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
 def prepared_home(home: Path, coco: Path, glove: Path, preprocessed: bool = True) -> Path:
     """``home`` with dataset ``gen`` registered (and preprocessed) against embedding ``small`` (in-process)."""
     from lavise_cli.data.index import preprocess
@@ -256,7 +192,7 @@ def test_two_identical_trains_at_once_on_a_cold_cache(tmp_path: Path, make_coco:
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_kill_at_every_stage_then_rerun_equals_an_uninterrupted_run(
-    tmp_path: Path, make_coco: Any, slow_server: SlowServer
+    tmp_path: Path, make_coco: Any, http_server: FixtureServer
 ) -> None:
     from lavise_cli.data.index import load_index
     from lavise_cli.embeddings import load_embedding
@@ -271,13 +207,15 @@ def test_kill_at_every_stage_then_rerun_equals_an_uninterrupted_run(
     logs.mkdir()
 
     # download: killed while the word vectors arrive; the rerun resumes from the .part file
-    url = slow_server.url("small.txt", glove.read_bytes())
+    http_server.chunk_delay = 0.05  # 64 KB every 50 ms
+    url = http_server.serve("small.txt", glove.read_bytes())
     p = lavise(home, "download", "glove", url, "--name", "small", log=logs / "dl")
     wait_for(lambda: any(f.stat().st_size > 0 for f in (home / "downloads").rglob("*.part")), p, "the download")
     kill9(p)
-    slow_server.slow = False
+    http_server.chunk_delay = 0.0
     again.json("download", "glove", url, "--name", "small")
-    assert slow_server.ranges and not slow_server.ranges[0].startswith("bytes=0-")  # resumed, not restarted
+    ranges = [r["headers"]["Range"] for r in http_server.requests if "Range" in r["headers"]]
+    assert ranges and not ranges[0].startswith("bytes=0-")  # resumed, not restarted
     assert (load_embedding(Store(home), "small").vectors == load_embedding(Store(ref.home), "small").vectors).all()
 
     # preprocess: killed while its worker pool checks the images; the workers die with it

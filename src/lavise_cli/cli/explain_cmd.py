@@ -14,23 +14,15 @@ from rich.table import Table
 from ..errors import LaviseError
 from ..defaults import ALL_METHODS, DEFAULT_METHOD
 from .app import app
-from .common import emit_json, handle_errors, info, lazy, out, progress, state, warn_trained_on
+from .common import emit_json, handle_errors, info, lazy, out, progress
+from .explaining import SessionOptions, explanation
 from .options import (BATCH, DATASET, DEVICE, EXPLAINER, LAYER, METHOD, MODEL, PRECISION, RANK, RETRIEVAL, SPLIT,
                       VOCAB, VOCAB_SIZE)
 
-check_filters = lazy("session", "check_filters")
-open_session = lazy("session", "open_session")
-vocabulary_for = lazy("session", "vocabulary_for")
 get_method = lazy("methods", "get_method")
-parse_methods = lazy("methods", "parse_methods")
-check_word_settings = lazy("methods", "check_word_settings")
-run_explain = lazy("methods", "run_explain")
-evaluate_methods = lazy("methods", "evaluate_methods")
-explanation_doc = lazy("results", "explanation_doc")
 save_result = lazy("results", "save_result")
-explanation_inputs = lazy("results", "explanation_inputs")
-explanation_key = lazy("results", "explanation_key")
-parse_filters = lazy("explain", "parse_filters")
+parse_methods = lazy("methods", "parse_methods")
+evaluate_methods = lazy("methods", "evaluate_methods")
 
 # What `explain --csv` prints, in order (its --help lists the same): similarity_sum is the word's
 # cosine similarity summed over the images naming it, so it can exceed 1; specificity and layer_mean
@@ -80,22 +72,15 @@ def explain(
     get_method(method, explain=True)
     if min(words_per_image, images_per_filter, top) < 1:
         raise LaviseError("-s, -p and -k must be at least 1")
-    check_word_settings(retrieval, rank)
-    # Check the filters against the explainer before the (possibly long) target pass.
-    check_filters(state.store, explainer, filters, all_filters)
+    opts = SessionOptions(explainer=explainer, filters=filters, all_filters=all_filters, dataset=dataset, split=split,
+                          image_dir=image_dir, vocab=vocab, vocab_size=vocab_size, device=device, batch_size=batch_size,
+                          precision=precision, retrieval=retrieval, rank=rank, model=model, layer=layer)
+    opts.check()  # before the (possibly long) target pass
     with progress() as prog:
-        ses = open_session(state.store, explainer, datasets=dataset, split=split, images=image_dir, model=model,
-                           layer=layer, device=device, batch_size=batch_size, precision=precision, progress=prog)
-        warn_trained_on(ses)
-        chosen = parse_filters(filters, ses.cache.shape[0], all_filters)
-        voc = vocabulary_for(ses, vocab, vocab_size)
-        ex = run_explain(ses, chosen, method, voc, p=images_per_filter, s=words_per_image, k=top, progress=prog,
-                         retrieval=retrieval, rank=rank)
-    doc = explanation_doc(ses, ex)
-    # Saved with a digest of its inputs: `heatmap` and `report` with the same settings read it back.
-    path = save_result(ses, f"explain-{method}", doc, explanation_key(ses, voc, chosen, ex.settings),
-                       inputs=explanation_inputs(ses, voc))
-    doc["saved"] = str(path)
+        ses, chosen, voc = opts.open(prog)
+        # Saved with a digest of its inputs: `heatmap` and `report` with the same settings read it back.
+        doc, _, _ = explanation(opts, ses, chosen, voc, method, p=images_per_filter, s=words_per_image, k=top,
+                                prog=prog)
     if json_out:
         emit_json(doc)
         return
@@ -112,7 +97,7 @@ def explain(
     t = Table(title=f"{ses.entry.name} · {method} · {ses.target.description} ({ses.cache.n} images) · "
                     f"vocabulary {voc.source} ({len(voc.words)})")
     t.add_column("filter", justify="right")
-    t.add_column(f"words (images of {ex.settings['p']} naming each; [magenta]*[/] novel)")
+    t.add_column(f"words (images of {doc['settings']['p']} naming each; [magenta]*[/] novel)")
     t.add_column("conf.", justify="right")
     for f in doc["filters"]:
         if f["inactive"]:
@@ -124,7 +109,7 @@ def explain(
     t.caption = (f"words by {'specificity to the filter' if rank == 'specific' else 'count'}, retrieval {retrieval}; "
                  "conf. = share of top images naming the top word x its specificity")
     out.print(t)
-    info(f"saved {path}")
+    info(f"saved {doc['saved']}")
 
 
 @app.command()
@@ -179,21 +164,20 @@ def evaluate(
     if not cuts or cuts[0] < 1:
         raise LaviseError("--recall takes positive cut-offs, e.g. 5,10,20")
     chosen_methods = parse_methods(methods)
-    check_word_settings(retrieval, rank)
     names: list[Optional[str]] = list(dict.fromkeys(explainers)) or [None]
-    for name in names:  # every explainer and --filters checked before any (long) target pass
-        check_filters(state.store, name, filters, filters is None)
+    each = [SessionOptions(explainer=name, filters=filters, all_filters=filters is None, dataset=dataset, split=split,
+                           image_dir=None, vocab=vocab, vocab_size=vocab_size, device=device, batch_size=batch_size,
+                           precision=precision, retrieval=retrieval, rank=rank, model=model, layer=layer)
+            for name in names]
+    for opts in each:  # every explainer and --filters checked before any (long) target pass
+        opts.check()
     results = []
     memo: dict = {}  # the ground truth of explainers that share a target pass, computed once
     with progress() as prog:
-        for name in names:
-            ses = open_session(state.store, name, datasets=dataset, split=split, model=model, layer=layer,
-                               device=device, batch_size=batch_size, precision=precision, progress=prog)
-            warn_trained_on(ses)
+        for opts in each:
+            ses, chosen, voc = opts.open(prog)
             if not ses.target.labelled:
                 raise LaviseError("evaluate needs a labelled target set (a preprocessed dataset)")
-            chosen = parse_filters(filters, ses.cache.shape[0], filters is None)
-            voc = vocabulary_for(ses, vocab, vocab_size)
             res = evaluate_methods(ses, chosen_methods, voc, cuts=cuts, p=images_per_filter, filters=chosen,
                                    progress=prog, retrieval=retrieval, rank=rank, memo=memo)
             path = save_result(ses, "evaluate", res, {"target": ses.target.key, "vocab": voc.describe(),

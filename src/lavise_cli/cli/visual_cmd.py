@@ -10,34 +10,23 @@ import typer
 from rich.table import Table
 
 from ..errors import LaviseError
-from ..defaults import DEFAULT_RANK, DEFAULT_RETRIEVAL
 from .app import app
-from .common import emit_json, handle_errors, info, lazy, out, progress, state, warn_trained_on
+from .common import emit_json, handle_errors, info, lazy, out, progress
+from .explaining import SessionOptions, explanation
 from .options import (BATCH, DATASET, DEVICE, EXPLAINER, METHOD, PRECISION, RANK, RETRIEVAL, SPLIT, VOCAB,
                       VOCAB_SIZE)
 
 if TYPE_CHECKING:
+    from ..embeddings import Vocabulary
     from ..session import Session
 
 build_report = lazy("visualize", "build_report")
 files_dir_for = lazy("visualize", "files_dir_for")
 heatmap_paths = lazy("visualize", "heatmap_paths")
-check_filters = lazy("session", "check_filters")
 has_ground_truth = lazy("session", "has_ground_truth")
-open_session = lazy("session", "open_session")
-vocabulary_for = lazy("session", "vocabulary_for")
-check_word_settings = lazy("methods", "check_word_settings")
 evaluate_methods = lazy("methods", "evaluate_methods")
 get_method = lazy("methods", "get_method")
-run_explain = lazy("methods", "run_explain")
-explain_settings = lazy("methods", "explain_settings")
-explanation_doc = lazy("results", "explanation_doc")
-explanation_inputs = lazy("results", "explanation_inputs")
-explanation_key = lazy("results", "explanation_key")
-load_result = lazy("results", "load_result")
 result_path = lazy("results", "result_path")
-save_result = lazy("results", "save_result")
-parse_filters = lazy("explain", "parse_filters")
 
 P = typer.Option(25, "--explain-images", "-p",
                  help="Top images the words are gathered over (explain's -p); the pictures show the first of them.")
@@ -46,40 +35,20 @@ K = typer.Option(5, "--top", "-k", help="Words shown per filter (explain's -k)."
 IMAGE_DIR = typer.Option(None, "--image-dir", help="Use a folder of plain images as the target set instead.")
 
 
-def _explain(explainer: Optional[str], filters: Optional[str], all_filters: bool, method: str, p: int, s: int, k: int,
-             dataset: List[str], split: Optional[str], image_dir: Optional[Path], vocab: str, vocab_size: Optional[int],
-             device: str, batch_size: int, prog: Any, precision: str = "auto",
-             retrieval: str = DEFAULT_RETRIEVAL, rank: str = DEFAULT_RANK
-             ) -> tuple[Session, dict[str, Any], dict[str, Any], list[int]]:
-    """Exactly what `lavise explain` does for the same settings: session, explanation doc, result key."""
+def _explain(opts: SessionOptions, method: str, p: int, s: int, k: int, prog: Any
+             ) -> tuple[Session, dict[str, Any], dict[str, Any], list[int], Vocabulary]:
+    """Exactly what `lavise explain` does for the same settings, its saved result read back when
+    there is one (``doc["reused"]``): session, explanation doc, result key, filters, vocabulary."""
     get_method(method, explain=True)
     if min(p, s, k) < 1:
         raise LaviseError("-p, -s and -k must be at least 1")
-    check_word_settings(retrieval, rank)
-    # Check the filters against the explainer before the (possibly long) target pass.
-    check_filters(state.store, explainer, filters, all_filters)
-    ses = open_session(state.store, explainer, datasets=dataset, split=split, images=image_dir, device=device,
-                       batch_size=batch_size, precision=precision, progress=prog)
-    warn_trained_on(ses)
-    chosen = parse_filters(filters, ses.cache.shape[0], all_filters)
-    voc = vocabulary_for(ses, vocab, vocab_size)
+    opts.check()
+    ses, chosen, voc = opts.open(prog)
     # The same result file `lavise explain` writes for these settings: the words behind the pictures.
     # Saved from the same inputs (explainer, cached maps, vocabulary, code), it is read back, not redone.
-    inputs = explanation_inputs(ses, voc)
-    settings = explain_settings(ses, method, voc, p=p, s=s, k=k, retrieval=retrieval, rank=rank)
-    if settings is not None:
-        key = explanation_key(ses, voc, chosen, settings)
-        doc = load_result(ses, f"explain-{method}", key, inputs)
-        if doc is not None:
-            doc["saved"] = str(result_path(ses, f"explain-{method}", key))
-            doc["reused"] = True
-            return ses, doc, key, chosen
-    ex_ = run_explain(ses, chosen, method, voc, p=p, s=s, k=k, progress=prog, retrieval=retrieval, rank=rank)
-    doc = explanation_doc(ses, ex_)
-    key = explanation_key(ses, voc, chosen, ex_.settings)
-    doc["saved"] = str(save_result(ses, f"explain-{method}", doc, key, inputs=inputs))
-    doc["reused"] = False
-    return ses, doc, key, chosen
+    doc, key, reused = explanation(opts, ses, chosen, voc, method, p=p, s=s, k=k, prog=prog, reuse=True)
+    doc["reused"] = reused
+    return ses, doc, key, chosen, voc
 
 
 @app.command()
@@ -132,11 +101,12 @@ def heatmap(
         raise LaviseError("--columns must be at least 1")
     if explain_images < 1:
         raise LaviseError("-p/--explain-images must be at least 1")
+    opts = SessionOptions(explainer=explainer, filters=filters, all_filters=all_filters, dataset=dataset, split=split,
+                          image_dir=image_dir, vocab=vocab, vocab_size=vocab_size, device=device, batch_size=batch_size,
+                          precision=precision, retrieval=retrieval, rank=rank)
     t0 = time.perf_counter()
     with progress() as prog:
-        ses, doc, key, _ = _explain(explainer, filters, all_filters, method, max(explain_images, images),
-                                    words_per_image, top, dataset, split, image_dir, vocab, vocab_size, device,
-                                    batch_size, prog, precision, retrieval, rank)
+        ses, doc, key, _, _ = _explain(opts, method, max(explain_images, images), words_per_image, top, prog)
         folder = Path(out_dir).expanduser() if out_dir is not None else \
             result_path(ses, method, key, suffix="", folder="heatmaps")
         paths = heatmap_paths(ses, doc, folder, images, cols=columns, progress=prog)
@@ -206,14 +176,14 @@ def report(
         raise LaviseError("--thumb must be between 16 and 1024 pixels")
     if explain_images < 1:
         raise LaviseError("-p/--explain-images must be at least 1")
+    opts = SessionOptions(explainer=explainer, filters=filters, all_filters=filters is None, dataset=dataset,
+                          split=split, image_dir=image_dir, vocab=vocab, vocab_size=vocab_size, device=device,
+                          batch_size=batch_size, precision=precision, retrieval=retrieval, rank=rank)
     t0 = time.perf_counter()
     with progress() as prog:
-        ses, doc, key, chosen = _explain(explainer, filters, filters is None, method, max(explain_images, images),
-                                         words_per_image, top, dataset, split, image_dir, vocab, vocab_size, device,
-                                         batch_size, prog, precision, retrieval, rank)
+        ses, doc, key, chosen, voc = _explain(opts, method, max(explain_images, images), words_per_image, top, prog)
         evaluation = None
         if evaluate and ses.target.labelled and has_ground_truth(ses.target):
-            voc = vocabulary_for(ses, vocab, vocab_size)
             evaluation = evaluate_methods(ses, [method], voc, cuts=(5, 10, 20), p=doc["settings"]["p"],
                                           filters=chosen, progress=prog, retrieval=retrieval, rank=rank)
         elif evaluate:
