@@ -265,3 +265,31 @@ def evaluate_methods(
 
 __all__ = ["Method", "REGISTRY", "method_names", "get_method", "parse_methods", "check_word_settings",
            "explain_settings", "run_explain", "evaluate_methods", "netdissect_words", "DIVERSITY_S"]
+
+
+def saved_explanation(ses: Session, chosen: Sequence[int], voc: Vocabulary, method: str, *, p: int, s: int, k: int,
+                      retrieval: str, rank: str, progress: Any = None, reuse: bool = False
+                      ) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """The explanation document of the ``chosen`` filters, saved where `lavise explain` saves it for
+    these settings (``doc["saved"]``), its result key, and whether it was read back.
+
+    ``reuse``: a result saved from the same inputs (explainer, cached maps, vocabulary, code) is read
+    back instead of explaining again (`heatmap` and `report`); `explain` itself always explains.
+    """
+    from .results import explanation_doc, explanation_inputs, explanation_key, load_result, result_path, save_result
+
+    inputs = explanation_inputs(ses, voc)
+    kind = f"explain-{method}"
+    if reuse:
+        settings = explain_settings(ses, method, voc, p=p, s=s, k=k, retrieval=retrieval, rank=rank)
+        if settings is not None:
+            key = explanation_key(ses, voc, chosen, settings)
+            doc = load_result(ses, kind, key, inputs)
+            if doc is not None:
+                doc["saved"] = str(result_path(ses, kind, key))
+                return doc, key, True
+    ex = run_explain(ses, list(chosen), method, voc, p=p, s=s, k=k, progress=progress, retrieval=retrieval, rank=rank)
+    doc = explanation_doc(ses, ex)
+    key = explanation_key(ses, voc, chosen, ex.settings)
+    doc["saved"] = str(save_result(ses, kind, doc, key, inputs=inputs))
+    return doc, key, False

@@ -1,6 +1,6 @@
 """What `explain`, `evaluate`, `heatmap` and `report` share after their options: the explainer and
 target set checked and opened (:class:`SessionOptions`), and the explanation saved the way
-`lavise explain` saves it (:func:`explanation`), so that the commands differ only in what they show.
+`lavise explain` saves it (:func:`explanation`, over :func:`lavise_cli.methods.saved_explanation`), so that the commands differ only in what they show.
 
 Typer needs each command's parameters spelled out (their declarations are the shared constants of
 :mod:`.options`); what the commands do with them is here, once.
@@ -69,28 +69,8 @@ class SessionOptions:
 
 def explanation(opts: SessionOptions, ses: Session, chosen: list[int], voc: Vocabulary, method: str, *, p: int,
                 s: int, k: int, prog: Any, reuse: bool = False) -> tuple[dict[str, Any], dict[str, Any], bool]:
-    """The explanation document of the ``chosen`` filters, saved where `lavise explain` saves it for
-    these settings (``doc["saved"]``), its result key, and whether it was read back.
+    """:func:`lavise_cli.methods.saved_explanation` with the command's word settings."""
+    from ..methods import saved_explanation
 
-    ``reuse``: a result saved from the same inputs (explainer, cached maps, vocabulary, code) is read
-    back instead of explaining again (`heatmap` and `report`); `explain` itself always explains.
-    """
-    from ..methods import explain_settings, run_explain
-    from ..results import explanation_doc, explanation_inputs, explanation_key, load_result, result_path, save_result
-
-    inputs = explanation_inputs(ses, voc)
-    kind = f"explain-{method}"
-    if reuse:
-        settings = explain_settings(ses, method, voc, p=p, s=s, k=k, retrieval=opts.retrieval, rank=opts.rank)
-        if settings is not None:
-            key = explanation_key(ses, voc, chosen, settings)
-            doc = load_result(ses, kind, key, inputs)
-            if doc is not None:
-                doc["saved"] = str(result_path(ses, kind, key))
-                return doc, key, True
-    ex = run_explain(ses, chosen, method, voc, p=p, s=s, k=k, progress=prog, retrieval=opts.retrieval,
-                     rank=opts.rank)
-    doc = explanation_doc(ses, ex)
-    key = explanation_key(ses, voc, chosen, ex.settings)
-    doc["saved"] = str(save_result(ses, kind, doc, key, inputs=inputs))
-    return doc, key, False
+    return saved_explanation(ses, chosen, voc, method, p=p, s=s, k=k, retrieval=opts.retrieval, rank=opts.rank,
+                             progress=prog, reuse=reuse)
