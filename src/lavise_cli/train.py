@@ -22,6 +22,7 @@ from .errors import LaviseError
 from .explainer import EXPLAINER_FILE, Explainer, hinge_rank_loss, save_explainer
 from . import distributed
 from .passes.features import reference_features
+from .passes.mapped import MappedRows
 from .models import check_ignored, default_layer, load_model, resolve_layer
 from .runtime import resolve_device, resolve_precision
 from .store import Store, stable_digest, temp_sibling
@@ -83,7 +84,7 @@ def validation_split(group: torch.Tensor, settings: TrainSettings, gen: torch.Ge
 
 
 def train_explainer(
-    feats: torch.Tensor,
+    feats: torch.Tensor | MappedRows,
     labels: torch.Tensor,
     group: torch.Tensor,
     concept_vectors: torch.Tensor,
@@ -98,7 +99,10 @@ def train_explainer(
     """Fit an explainer; returns (best module, per-epoch losses, best epoch).
 
     Validation is a seeded split of the images (``group``).  With ``checkpoint``, the state after
-    every epoch is saved there, and ``resume`` continues from it bit for bit.
+    every epoch is saved there, and ``resume`` continues from it bit for bit.  ``feats`` is a
+    tensor or memory-mapped rows (:class:`~lavise_cli.passes.mapped.MappedRows`): on the CPU
+    each batch is gathered from the mapping; on another device the rows are copied there once,
+    a chunk at a time.  Both give the same values, hence the same losses and weights.
     """
     device = torch.device(device)
     torch.manual_seed(settings.seed)
@@ -108,7 +112,10 @@ def train_explainer(
         raise LaviseError("too few training pairs to train an explainer (need at least 2)")
     # z stays in its cached precision (fp16: half the memory of a float32 copy); each batch is
     # converted as it is used, which gives exactly the values a float32 copy would hold.
-    z = feats.to(device)
+    if isinstance(feats, MappedRows):
+        z: torch.Tensor | MappedRows = feats if device.type == "cpu" else feats.to_device(device)
+    else:
+        z = feats.to(device)
     t = labels.long().to(device)  # each pair's concept: the loss's class labels
     cv = concept_vectors.float().to(device)
     model = Explainer(z.shape[1], cv.shape[1]).to(device)
@@ -143,7 +150,7 @@ def train_explainer(
                 b = order[s:s + bs]
                 if len(b) < 2:  # BatchNorm needs two samples in training mode
                     continue
-                loss = hinge_rank_loss(model(z[b].float()), t[b], cv, settings.margin)
+                loss = hinge_rank_loss(model(batch_rows(z, b)), t[b], cv, settings.margin)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -202,8 +209,13 @@ def _save_checkpoint(path: Path, snapshot: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def batch_rows(z: torch.Tensor | MappedRows, idx: torch.Tensor | slice) -> torch.Tensor:
+    """Rows ``idx`` of ``z`` in float32: ``z[idx].float()``, gathered from the mapping for mapped rows."""
+    return z.rows(idx) if isinstance(z, MappedRows) else z[idx].float()
+
+
 @torch.no_grad()
-def evaluate_loss(model: Explainer, z: torch.Tensor, t: torch.Tensor, cv: torch.Tensor, margin: float,
+def evaluate_loss(model: Explainer, z: torch.Tensor | MappedRows, t: torch.Tensor, cv: torch.Tensor, margin: float,
                   chunk: int = 8192, rows: torch.Tensor | None = None) -> float:
     """The mean loss over ``rows`` of ``z`` (all rows when None), a chunk at a time in float32."""
     model.eval()
@@ -211,7 +223,7 @@ def evaluate_loss(model: Explainer, z: torch.Tensor, t: torch.Tensor, cv: torch.
     n = len(z) if rows is None else len(rows)
     for s in range(0, n, chunk):
         sl = slice(s, s + chunk) if rows is None else rows[s:s + chunk]
-        zb = z[sl].float()
+        zb = batch_rows(z, sl)
         total += float(hinge_rank_loss(model(zb), t[sl], cv, margin)) * len(zb)
     return total / max(n, 1)
 
@@ -305,13 +317,14 @@ def train(
             keep = label >= 0
             if run_settings.seen_fraction is not None:
                 keep &= torch.tensor(seen, dtype=torch.bool)[label.clamp_min(0)]
-            every = bool(keep.all())  # then no copy of z is made (it is the largest thing held)
-            zs.append(f.z if every else f.z[keep])
+            every = bool(keep.all())
+            # z stays in the mapped cache: a kept subset is a row map, nothing is copied.
+            zs.append(f.rows if every else f.rows.select(keep))
             label_parts.append(label if every else label[keep])
             gs.append((f.image if every else f.image[keep]) + k * 10_000_000)
-        z = zs[0] if len(zs) == 1 else torch.cat(zs)
+        z = MappedRows.cat(zs)
         labels, grp = torch.cat(label_parts), torch.cat(gs)
-        del zs  # the parts; z keeps the cached fp16
+        del zs
         train_mask = torch.tensor(seen, dtype=torch.bool) if run_settings.seen_fraction is not None else torch.ones(len(concepts), dtype=torch.bool)
         # The loss ranks against the training concepts only (the seen ones in the novel-concept setting).
         train_concepts = torch.nonzero(train_mask).squeeze(1)

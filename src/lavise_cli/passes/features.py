@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +26,7 @@ from ..layers import layer_shapes
 from ..models import TargetModel
 from ..runtime import resolve_precision
 from ..store import Store, stable_digest
+from .mapped import MappedRows
 from .runner import Item, Publication, Shards, Sink, StoreOutput, run_pass, save_shard, share_done
 
 SHARD_PAIRS = 65536
@@ -33,15 +35,23 @@ FEATURES_VERSION = 1
 
 @dataclass
 class PairFeatures:
-    """The cached pooled masked features of one split at one layer."""
+    """The cached pooled masked features of one split at one layer.
 
-    z: torch.Tensor  # (P, d) float16
+    ``rows`` maps ``z`` (P, d) float16 from the cache's shards (nothing of it is read until rows
+    are gathered); ``z`` loads it whole, for callers that want a tensor."""
+
+    rows: MappedRows  # (P, d) float16, memory-mapped
     image: torch.Tensor  # (P,) int64, index into the split's images
     concept: torch.Tensor  # (P,) int64, index into the dataset's concepts
     view: torch.Tensor  # (P,) int64, index into the views
     key: str
     layer: str
     hit: bool
+
+    @cached_property
+    def z(self) -> torch.Tensor:
+        """(P, d) float16, loaded in memory (``lavise train`` gathers from ``rows`` instead)."""
+        return self.rows.tensor()
 
 
 def feature_grids(model: TargetModel, layers: Sequence[str]) -> dict[str, tuple[int, int, int]]:
@@ -100,22 +110,18 @@ def feature_key(model: TargetModel, layer: str, split: SplitIndex, index_digest:
 def _load_cached(store: Store, key: str, layer: str) -> PairFeatures:
     root = store.path("features", key)
     shards = sorted(root.glob("z-*.safetensors"))
-    cat: dict[str, torch.Tensor] | None = None
-    if shards:
-        # One column at a time, each shard's part dropped once copied: at most one column's
-        # shards and its result are held together (not every shard of every column).
-        cat = {}
-        for k in ("z", "image", "concept", "view"):
-            parts = []
-            for sp in shards:
-                with safe_open(str(sp), framework="pt") as fh:
-                    parts.append(fh.get_tensor(k))
-            cat[k] = parts[0] if len(parts) == 1 else torch.cat(parts)
-            del parts
-    if cat is None:
-        d = int(store.manifest("features", key)["settings"]["d"])  # type: ignore[index]
-        cat = {"z": torch.zeros(0, d, dtype=torch.float16), **{k: torch.zeros(0, dtype=torch.int64) for k in ("image", "concept", "view")}}
-    return PairFeatures(z=cat["z"], image=cat["image"].long(), concept=cat["concept"].long(), view=cat["view"].long(),
+    # z is mapped, not read (it is pairs x d x 2 bytes: GBs for COCO or VG); the small per-pair
+    # columns are loaded, one column at a time.
+    cat: dict[str, torch.Tensor] = {}
+    for k in ("image", "concept", "view"):
+        parts = []
+        for sp in shards:
+            with safe_open(str(sp), framework="pt") as fh:
+                parts.append(fh.get_tensor(k))
+        cat[k] = (parts[0] if len(parts) == 1 else torch.cat(parts)).long() if parts else torch.zeros(0, dtype=torch.int64)
+    d = None if shards else int(store.manifest("features", key)["settings"]["d"])  # type: ignore[index]
+    rows = MappedRows.open(shards, "z", width=d)
+    return PairFeatures(rows=rows, image=cat["image"], concept=cat["concept"], view=cat["view"],
                         key=key, layer=layer, hit=True)
 
 
