@@ -14,13 +14,17 @@ chunks of images come and memory-mapped when read.
     rle_offsets.npy   int64 (P+1,)   pair k's counts are rle[rle_offsets[k]:rle_offsets[k+1]]
     split.json        {"images": N, "pairs": P, "dropped": {...}}
 
-Nothing is read whole: an image's masks are read by offset from the mapped files, so memory does
-not grow with the dataset, and the writer keeps only a chunk of images at a time.
+Nothing is read whole: an image's masks are read by offset, so memory does not grow with the
+dataset, and the writer keeps only a chunk of images at a time. The numeric columns are
+memory-mapped; the byte columns (``file``, ``rle``: nearly all of the index's bytes) are read
+with positional reads (``os.pread``), so that the pages a pass over every image touches stay in
+the page cache and do not pile up in the process's resident memory as a mapping's would.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Iterator
@@ -116,7 +120,36 @@ class SplitColumns:
         self.n_images, self.n_pairs = int(meta["images"]), int(meta["pairs"])
         self.dropped: dict[str, int] = meta.get("dropped", {})
         self._maps: dict[str, np.ndarray] = {}
+        self._files: dict[str, tuple[int, int, int]] = {}  # byte column -> (pid, fd, data offset)
         self.check()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # another process maps and opens the files itself (a copy would read them whole)
+        return {**self.__dict__, "_maps": {}, "_files": {}}
+
+    def __del__(self) -> None:
+        for pid, fd, _ in getattr(self, "_files", {}).values():
+            if pid == os.getpid():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def span(self, name: str, a: int, b: int) -> bytes:
+        """Bytes ``a:b`` of the byte column ``name`` (``file`` or ``rle``), by a positional read."""
+        if b <= a:
+            return b""
+        if not hasattr(os, "pread"):  # no positional reads here (Windows): slice the mapping
+            return bytes(self[name][a:b])
+        got = self._files.get(name)
+        if got is None or got[0] != os.getpid():  # opened per process (a forked worker reopens)
+            offset = int(np.load(self.folder / f"{name}.npy", mmap_mode="r", allow_pickle=False).offset)
+            got = (os.getpid(), os.open(self.folder / f"{name}.npy", os.O_RDONLY), offset)
+            self._files[name] = got
+        data = os.pread(got[1], b - a, got[2] + a)
+        if len(data) != b - a:
+            raise ValueError(f"{self.folder / name}.npy is shorter than its offsets say: run `lavise preprocess` again")
+        return data
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._maps:
@@ -137,11 +170,11 @@ class SplitColumns:
 
     def file(self, i: int) -> str:
         o = self["file_offsets"]
-        return bytes(self["file"][int(o[i]):int(o[i + 1])]).decode("utf-8")
+        return self.span("file", int(o[i]), int(o[i + 1])).decode("utf-8")
 
     def rle(self, k: int) -> bytes:
         o = self["rle_offsets"]
-        return bytes(self["rle"][int(o[k]):int(o[k + 1])])
+        return self.span("rle", int(o[k]), int(o[k + 1]))
 
     def image(self, i: int) -> dict[str, Any]:
         return {"id": int(self["image_id"][i]), "file": self.file(i),

@@ -113,9 +113,10 @@ class SplitIndex:
         a, b = int(o[row]), int(o[row + 1])
         if a == b:
             return np.zeros(0, np.int64), torch.zeros(0, h, w, dtype=torch.uint8)
-        ro = cols["rle_offsets"]
-        blob = cols["rle"]
-        rles = [{"size": [h, w], "counts": bytes(blob[int(ro[k]):int(ro[k + 1])])} for k in range(a, b)]
+        ends = np.array(cols["rle_offsets"][a:b + 1], dtype=np.int64)  # a copy: shifted below
+        blob = cols.span("rle", int(ends[0]), int(ends[-1]))  # the image's masks: one read
+        ends -= ends[0]
+        rles = [{"size": [h, w], "counts": blob[int(ends[j]):int(ends[j + 1])]} for j in range(b - a)]
         dense = mask_utils.decode(rles)  # (H, W, K) uint8 in {0, 1}, Fortran order
         concepts = np.array(cols["pair_concept"][a:b], dtype=np.int64)
         return concepts, torch.from_numpy(np.ascontiguousarray(dense.transpose(2, 0, 1)))
