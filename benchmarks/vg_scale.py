@@ -29,12 +29,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _processes import measured_run as run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -81,23 +82,6 @@ def build_set(src: Path, out: Path, n: int, shrink: int) -> None:
     for f in ("object_synsets.json", "object_alias.txt"):
         shutil.copy(src / f, tmp / f)
     tmp.rename(out)
-
-
-def run(home: Path, *args: str, env: dict[str, str]) -> tuple[float, float, str]:
-    """``lavise --home HOME *args`` as a child process: (wall seconds, peak RSS in MiB, stdout)."""
-    cmd = [sys.executable, "-m", "lavise_cli", "--home", str(home), *args]
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        secs = time.perf_counter() - t0
-        out.seek(0)
-        err.seek(0)
-        text, errs = out.read().decode(), err.read().decode()
-    if code != 0:
-        sys.exit(f"lavise {' '.join(args)} failed ({code}):\n{errs[-3000:]}")
-    return secs, usage.ru_maxrss / 1024, text
 
 
 def main() -> None:
