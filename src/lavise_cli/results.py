@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from . import __version__
 from .embeddings import Vocabulary
@@ -29,9 +30,12 @@ def explanation_doc(session: Session, ex: Explanation) -> dict[str, Any]:
     concepts = set(session.meta["concepts"])
     vw = ex.vocabulary.words
     filters = []
+    # every top image's maximum, read in one pass over the shards that hold them
+    p = ex.top_rows.shape[1]
+    peaks = session.cache.max_at(ex.top_rows.reshape(-1),
+                                 torch.as_tensor(list(ex.filters), dtype=torch.long).repeat_interleave(p)).view(-1, p)
     for j, u in enumerate(ex.filters):
         rows = ex.top_rows[j].tolist()
-        peaks = session.cache.max_at(rows, [u] * len(rows)).tolist()
         extra = ex.word_scores[j] if ex.word_scores else [(float("nan"), float("nan"))] * len(ex.words[j])
         conf = ex.confidence[j] if ex.confidence else {}
         filters.append({
@@ -48,7 +52,7 @@ def explanation_doc(session: Session, ex: Explanation) -> dict[str, Any]:
                        "novel": w not in concepts, "specificity": round(sp, 4), "layer_mean": round(m, 4)}
                       for (w, c, sim), (sp, m) in zip(ex.words[j], extra)],
             "top_images": [{"row": r, "path": str(session.target.paths[int(session.cache.rows[r])]),
-                            "max_activation": peaks[q],
+                            "max_activation": float(peaks[j, q]),
                             "words": [vw[i] for i in ex.image_words[j, q].tolist()]} for q, r in enumerate(rows)],
         })
     return {

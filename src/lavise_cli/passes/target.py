@@ -194,16 +194,8 @@ class LayerMaps:
         if self._max is not None:
             return self._max[rows, filters]
         out = torch.empty(len(rows))
-        starts = torch.tensor(self.shard_starts(), dtype=torch.long)
-        shard_of = torch.searchsorted(starts, rows, right=True) - 1
-        paths = self._image_shards()
-        for s in torch.unique(shard_of).tolist():
-            sel = torch.nonzero(shard_of == s).squeeze(1)
-            local = rows[sel] - int(starts[s])
-            lo, hi = int(local.min()), int(local.max()) + 1
-            with safe_open(str(paths[s]), framework="pt") as fh:
-                block = fh.get_slice("max")[lo:hi]
-            out[sel] = block[local - lo, filters[sel]]
+        for sel, got in self._shard_rows("images", "max", rows):
+            out[sel] = got[torch.arange(len(sel)), filters[sel]]
         return out
 
     def top_rows(self, p: int) -> torch.Tensor:
@@ -243,18 +235,24 @@ class LayerMaps:
     def maps(self, rows: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Feature maps ``(len(rows), d, h, w)`` float32 of the given rows (in that order)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        d, h, w = self.shape
-        out = torch.empty(len(rows), d, h, w)
+        out = torch.empty(len(rows), *self.shape)
+        for sel, got in self._shard_rows("maps", "maps", rows):
+            out[sel] = got.float()
+        return out
+
+    def _shard_rows(self, prefix: str, name: str, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per shard ``<prefix>-NNNNN`` holding some of ``rows``: (their positions in ``rows``, the
+        tensor ``name``'s rows for them); only the rows' span of each shard is read.  The maps and
+        images shards are aligned, so :meth:`shard_starts` serves both."""
         starts = torch.tensor(self.shard_starts(), dtype=torch.long)
         shard_of = torch.searchsorted(starts, rows, right=True) - 1
         for s in torch.unique(shard_of).tolist():
             sel = torch.nonzero(shard_of == s).squeeze(1)
             local = rows[sel] - int(starts[s])
             lo, hi = int(local.min()), int(local.max()) + 1
-            with safe_open(str(self.root / f"maps-{s:05d}.safetensors"), framework="pt") as fh:
-                block = fh.get_slice("maps")[lo:hi]  # only the rows' span of the shard is read
-            out[sel] = block[local - lo].float()
-        return out
+            with safe_open(str(self.root / f"{prefix}-{s:05d}.safetensors"), framework="pt") as fh:
+                block = fh.get_slice(name)[lo:hi]
+            yield sel, block[local - lo]
 
 
 def layer_maps_of(good: list[Item], maps: Mapping[str, torch.Tensor], layer: str) -> tuple[list[int], torch.Tensor]:
