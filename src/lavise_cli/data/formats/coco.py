@@ -7,7 +7,6 @@ RLEs alike) becomes one pair.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -97,7 +96,6 @@ def build_instances_split(
     only its (image, category, place) kept; then chunks of :data:`CHUNK` images have their masks
     drawn in the worker pool and are written to the index as they come.
     """
-    import tempfile
     from array import array
 
     import numpy as np
@@ -105,52 +103,28 @@ def build_instances_split(
     from ..pool import WorkerPool
     from ..validate import stream_coco
     from . import judge_image
+    from .streamed import CocoImages, Spill, int64
 
-    cats: dict[int, str] = {}
-    ids, heights, widths = array("q"), array("q"), array("q")
-    files: list[str] = []
-    a_img, a_cat, a_off, a_len = array("q"), array("q"), array("q"), array("q")
-    spill = tempfile.TemporaryFile(prefix="lavise-segm-")
-    pos = [0]
-
-    def on_category(c: dict[str, Any]) -> None:
-        cats[int(c["id"])] = str(c["name"])
-
-    def on_image(im: dict[str, Any]) -> None:
-        ids.append(im["id"])
-        heights.append(im["height"])
-        widths.append(im["width"])
-        files.append(im["file_name"])
+    spill = Spill("lavise-segm-")  # file names and segmentations
+    imgs = CocoImages(spill)
+    a_img, a_cat, a_seg = array("q"), array("q"), array("q")
 
     def on_annotation(ann: dict[str, Any]) -> None:
-        data = json.dumps(ann.get("segmentation"), separators=(",", ":")).encode()
-        spill.write(data)
+        a_seg.append(spill.add(json.dumps(ann.get("segmentation"), separators=(",", ":")).encode()))
         a_img.append(ann["image_id"])
         a_cat.append(ann["category_id"])
-        a_off.append(pos[0])
-        a_len.append(len(data))
-        pos[0] += len(data)
 
     try:
-        stream_coco(ann_file, on_category, on_image, on_annotation)
-        spill.flush()
+        stream_coco(ann_file, imgs.on_category, imgs.on_image, on_annotation)
     except BaseException:
         spill.close()
         raise
+    cats = imgs.cats
     dropped: Counter[str] = Counter()
     gone: list[tuple[str, str]] = []  # (image file, reason) of every dropped image, for dropped.txt
-    id_arr = np.frombuffer(ids, dtype=np.int64) if len(ids) else np.zeros(0, np.int64)
-    order = np.argsort(id_arr, kind="stable")
-    sorted_ids = id_arr[order]
-    # a repeated image id: the last entry wins (as in pycocotools' index)
-    last = np.ones(len(sorted_ids), dtype=bool)
-    last[:-1] = sorted_ids[1:] != sorted_ids[:-1]
-    order, sorted_ids = order[last], sorted_ids[last]
-    ann_img = np.frombuffer(a_img, dtype=np.int64) if len(a_img) else np.zeros(0, np.int64)
-    ann_cat = np.frombuffer(a_cat, dtype=np.int64) if len(a_cat) else np.zeros(0, np.int64)
-    where = np.clip(np.searchsorted(sorted_ids, ann_img), 0, max(len(sorted_ids) - 1, 0))
-    known_img = (sorted_ids[where] == ann_img) if len(sorted_ids) else np.zeros(len(ann_img), bool)
-    known_cat = np.isin(ann_cat, np.fromiter(cats, dtype=np.int64, count=len(cats)))
+    ann_img, ann_cat = int64(a_img), int64(a_cat)
+    order, sorted_ids, where, known_img = imgs.locate(ann_img)
+    known_cat = np.isin(ann_cat, imgs.known_categories())
     if (~known_img).any():
         dropped["annotations with unknown image"] += int((~known_img).sum())
     if (known_img & ~known_cat).any():
@@ -158,44 +132,39 @@ def build_instances_split(
     keep = np.flatnonzero(known_img & known_cat)
     keep = keep[np.lexsort((ann_cat[keep], where[keep]))]  # by image, then category (stable)
     ann_rank = where[keep]  # each kept annotation's image, as its rank among the sorted ids
-    offs = np.frombuffer(a_off, dtype=np.int64) if len(a_off) else np.zeros(0, np.int64)
-    lens = np.frombuffer(a_len, dtype=np.int64) if len(a_len) else np.zeros(0, np.int64)
     n = len(sorted_ids)
 
     def chunks() -> Any:
         task = progress.add_task(f"indexing {ann_file.stem} images", total=n, unit="img") \
             if progress is not None else None
-        fd = spill.fileno()
         try:
             with WorkerPool(workers) as pool:
                 for start in range(0, n, CHUNK):
                     stop = min(n, start + CHUNK)
                     lo, hi = np.searchsorted(ann_rank, [start, stop])
-                    jobs, cands = [], []
+                    jobs, cands, records = [], [], []
                     for rank in range(start, stop):
                         j = int(order[rank])
                         a, b = np.searchsorted(ann_rank[lo:hi], [rank, rank + 1]) + lo
                         per: dict[int, list[str]] = {}
                         for k in keep[a:b].tolist():
-                            per.setdefault(int(ann_cat[k]), []).append(
-                                os.pread(fd, int(lens[k]), int(offs[k])).decode())
-                        h, w = int(heights[j]), int(widths[j])
-                        path = str(image_dir / files[j])
+                            per.setdefault(int(ann_cat[k]), []).append(spill.get(int(a_seg[k])).decode())
+                        h, w, name = int(imgs.heights[j]), int(imgs.widths[j]), imgs.file(j)
+                        path = str(image_dir / name)
                         jobs.append((path, h, w, sorted(per.items())))
                         cands.append(Candidate(path, (h, w)))
+                        records.append({"id": int(imgs.ids[j]), "file": name, "height": h, "width": w})
                     results = pool.map(image_masks, jobs, progress, task)
                     images, pi, pc, rles = [], [], [], []
-                    for rank, c, (probed, masks, bad, empty) in zip(range(start, stop), cands, results):
+                    for record, c, (probed, masks, bad, empty) in zip(records, cands, results):
                         if judge_image(c, probed, dropped, gone) is None:
                             continue
                         if bad:
                             dropped["annotations with a malformed segmentation"] += bad
                         if empty:
                             dropped["empty masks"] += empty
-                        j = int(order[rank])
                         k = len(images)
-                        images.append({"id": int(ids[j]), "file": files[j], "height": int(heights[j]),
-                                       "width": int(widths[j])})
+                        images.append(record)
                         for cat, counts in masks:
                             pi.append(k)
                             pc.append(cat)

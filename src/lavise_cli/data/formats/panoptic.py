@@ -3,8 +3,6 @@ PNG, segment id = R + 256 G + 256^2 B) united into one mask."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -75,27 +73,11 @@ def build_panoptic_split(
 
     from ..pool import WorkerPool
     from ..validate import stream_coco
+    from .streamed import CocoImages, Spill, int64
 
-    cats: dict[int, str] = {}
-    ids, heights, widths, i_name = array("q"), array("q"), array("q"), array("q")
+    names = Spill("lavise-panoptic-")  # the images' and the PNGs' file names
+    imgs = CocoImages(names)
     a_img, a_name, a_nseg, s_id, s_cat = array("q"), array("q"), array("q"), array("q"), array("q")
-    names = tempfile.TemporaryFile(prefix="lavise-panoptic-")
-    offsets = array("q", [0])  # file names: name k is names[offsets[k]:offsets[k + 1]]
-
-    def name(text: str) -> int:
-        data = text.encode("utf-8", "surrogatepass")
-        names.write(data)
-        offsets.append(offsets[-1] + len(data))
-        return len(offsets) - 2
-
-    def on_category(c: dict[str, Any]) -> None:
-        cats[int(c["id"])] = str(c["name"])
-
-    def on_image(im: dict[str, Any]) -> None:
-        ids.append(im["id"])
-        heights.append(im["height"])
-        widths.append(im["width"])
-        i_name.append(name(im["file_name"]))
 
     def on_annotation(ann: dict[str, Any]) -> None:
         a_img.append(ann["image_id"])
@@ -104,11 +86,10 @@ def build_panoptic_split(
             s_id.append(seg["id"])
             s_cat.append(seg["category_id"])
         a_nseg.append(len(segs))
-        a_name.append(name(ann["file_name"]))
+        a_name.append(names.add_text(ann["file_name"]))
 
     try:
-        stream_coco(ann_file, on_category, on_image, on_annotation, panoptic=True)
-        names.flush()
+        stream_coco(ann_file, imgs.on_category, imgs.on_image, on_annotation, panoptic=True)
     except OverflowError:
         names.close()
         raise DataError(f"{ann_file} is not a well-formed COCO panoptic file: an id or a size does not fit "
@@ -117,26 +98,14 @@ def build_panoptic_split(
         names.close()
         raise
 
-    def col(a: Any) -> np.ndarray:
-        return np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64)
-
-    def text(k: int) -> str:
-        return os.pread(names.fileno(), offsets[k + 1] - offsets[k], offsets[k]).decode("utf-8", "surrogatepass")
-
-    id_arr = col(ids)
-    img_order = np.argsort(id_arr, kind="stable")
-    sorted_ids = id_arr[img_order]
-    last = np.ones(len(sorted_ids), dtype=bool)  # a repeated image id: the last entry wins
-    last[:-1] = sorted_ids[1:] != sorted_ids[:-1]
-    img_order, sorted_ids = img_order[last], sorted_ids[last]
-    ann_img = col(a_img)
+    cats = imgs.cats
+    ann_img = int64(a_img)
+    img_order, _sorted_ids, rank, known = imgs.locate(ann_img)
     ann_order = np.argsort(ann_img, kind="stable")  # by image id, then file order
-    rank = np.clip(np.searchsorted(sorted_ids, ann_img), 0, max(len(sorted_ids) - 1, 0))
-    known = (sorted_ids[rank] == ann_img) if len(sorted_ids) else np.zeros(len(ann_img), bool)
-    nseg = col(a_nseg)
+    nseg = int64(a_nseg)
     seg_start = np.concatenate([[0], np.cumsum(nseg)]).astype(np.int64)
-    seg_id, seg_cat = col(s_id), col(s_cat)
-    seg_known = np.isin(seg_cat, np.fromiter(cats, dtype=np.int64, count=len(cats)))
+    seg_id, seg_cat = int64(s_id), int64(s_cat)
+    seg_known = np.isin(seg_cat, imgs.known_categories())
     unknown_segs = np.bincount(np.repeat(np.arange(len(nseg)), nseg)[~seg_known], minlength=len(nseg))
     # The counts before any image is read, in the order the annotations first give them.
     first: list[tuple[int, str, int]] = []
@@ -166,9 +135,9 @@ def build_panoptic_split(
                         a, b = int(seg_start[k]), int(seg_start[k + 1])
                         keep = seg_known[a:b]
                         segs = list(zip(seg_id[a:b][keep].tolist(), seg_cat[a:b][keep].tolist()))
-                        image_file = text(int(i_name[j]))
-                        jobs.append((str(mask_dir / text(int(a_name[k]))), segs, str(image_dir / image_file)))
-                        recs.append((int(ann_img[k]), image_file, int(heights[j]), int(widths[j])))
+                        image_file = imgs.file(j)
+                        jobs.append((str(mask_dir / names.text(int(a_name[k]))), segs, str(image_dir / image_file)))
+                        recs.append((int(ann_img[k]), image_file, int(imgs.heights[j]), int(imgs.widths[j])))
                     results = pool.map(panoptic_image, jobs, progress, task)
                     chunk: dict[str, Any] = {"images": [], "pair_image": [], "pair_cat": [], "rle": []}
                     for (iid, image_file, h, w), job, ((mstatus, cat_rles, mh, mw), probed) in zip(recs, jobs, results):
