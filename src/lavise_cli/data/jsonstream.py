@@ -122,6 +122,17 @@ def _not_utf8(path: Path) -> DataError:
     return DataError(f"{path} is not valid JSON (not UTF-8 text); the file is damaged: get it again")
 
 
+def _opening(r: _Reader, bracket: str, other: DataError) -> None:
+    """Step over the document's opening ``bracket``; ``other`` when the document is valid JSON so
+    far but of another kind (another value starts there), a damaged-file error otherwise."""
+    first = r.peek()
+    if first != bracket:
+        if first and first in "{[\"-0123456789tfn":
+            raise other
+        raise r.bad(f"expected '{bracket}' at the start")
+    r.pos += 1
+
+
 def stream_arrays(path: str | Path, handlers: Mapping[str, Callable[[Any], None]]) -> dict[str, Any]:
     """Walk the JSON object in ``path``: each element of an array under a key in ``handlers`` goes
     to that handler, in order; other arrays are skipped element by element; other values are
@@ -132,12 +143,7 @@ def stream_arrays(path: str | Path, handlers: Mapping[str, Callable[[Any], None]
     with fh:
         r = _Reader(fh, path)
         try:
-            first = r.peek()
-            if first != "{":
-                if first in "[\"-0123456789tfn" and first:
-                    raise NotAnObject(f"{path} holds JSON that is not an object")
-                raise r.bad("expected '{' at the start")
-            r.pos += 1
+            _opening(r, "{", NotAnObject(f"{path} holds JSON that is not an object"))
             if r.peek() == "}":
                 return out
             while True:
@@ -169,12 +175,7 @@ def stream_list(path: str | Path, fn: Callable[[Any], None] | None = None) -> in
     with _open(path) as fh:
         r = _Reader(fh, path)
         try:
-            first = r.peek()
-            if first != "[":
-                if first in "{\"-0123456789tfn" and first:
-                    raise NotAList(f"{path} holds JSON that is not an array")
-                raise r.bad("expected '[' at the start")
-            r.pos += 1
+            _opening(r, "[", NotAList(f"{path} holds JSON that is not an array"))
             n = r.items(fn, "the top-level array")
             r.end()
         except UnicodeDecodeError:
