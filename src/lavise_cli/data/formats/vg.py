@@ -11,8 +11,6 @@ left out, with the images that are left with none.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -153,9 +151,11 @@ class _Objects:
 
         from ..jsonstream import NotAList, stream_list
 
-        self.spill = tempfile.TemporaryFile(prefix="lavise-vg-boxes-")
+        from .streamed import Spill
+
+        self.spill = Spill("lavise-vg-boxes-")  # entry k's boxes are string k
         syn_of: dict[str, int] = {}
-        e_img, e_rows, e_syn, e_nsyn = array("q"), array("q"), array("i"), array("q")
+        e_img, e_syn, e_nsyn = array("q"), array("i"), array("q")
 
         def on_entry(entry: Any) -> None:
             iid = entry.get("image_id", entry.get("id")) if isinstance(entry, dict) else None
@@ -181,15 +181,13 @@ class _Objects:
                     rows.append(k)
                     rows.extend(corners)
                     here[k] = None
-            self.spill.write(rows.tobytes())
+            self.spill.add(rows.tobytes())
             e_img.append(iid)
-            e_rows.append(len(rows) // 5)
             e_syn.extend(here)
             e_nsyn.append(len(here))
 
         try:
             stream_list(path, on_entry)
-            self.spill.flush()
         except NotAList:
             self.spill.close()
             raise DataError(f"{path} is not a Visual Genome objects file (expected a JSON list)") from None
@@ -198,17 +196,13 @@ class _Objects:
             raise
         self.synsets = list(syn_of)  # by number
         self.image = np.array(e_img, dtype=np.int64)
-        self.rows = np.array(e_rows, dtype=np.int64)
-        self.offset = np.concatenate([[0], np.cumsum(self.rows[:-1]) * _ROW]).astype(np.int64) \
-            if len(self.rows) else np.zeros(0, np.int64)
+        self.rows = np.diff(np.frombuffer(self.spill.offsets, dtype=np.int64)) // _ROW  # boxes per entry
         self.syn = np.array(e_syn, dtype=np.int32)
         self.nsyn = np.array(e_nsyn, dtype=np.int64)
 
     def boxes(self, entries: np.ndarray) -> np.ndarray:
         """The ``(B, 5)`` int32 rows of ``entries``, in their order."""
-        fd = self.spill.fileno()
-        parts = [np.frombuffer(os.pread(fd, int(self.rows[e]) * _ROW, int(self.offset[e])), dtype=np.int32)
-                 for e in entries.tolist()]
+        parts = [np.frombuffer(self.spill.get(e), dtype=np.int32) for e in entries.tolist()]
         return (np.concatenate(parts) if parts else np.zeros(0, np.int32)).reshape(-1, 5)
 
 
